@@ -1,0 +1,36 @@
+# The course's two commands (see README.md):
+#   make lab    install everything into .venv (first time only) and open the course in JupyterLab
+#   make test   install if needed, then run every notebook (small, offline, CPU) and the unit tests
+PYTHON ?= python3
+VENV   := .venv
+# torch first, pinned, so pip never swaps it: a CPU wheel on the course machines, the CUDA wheel on a GPU
+# box. For another CUDA version: make TORCH="torch==2.13.0 --index-url <your PyTorch wheel index>" lab
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install lab test standin data clean-outputs
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q $(TORCH)
+	$(VENV)/bin/python -m pip install -q -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+# Offline on purpose: the test run must never reach the Hub (the stand-in model serves).
+test: install
+	HF_HUB_OFFLINE=1 COURSE_SMOKE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/python -m pytest \
+	    --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -q -rs --durations=15
+
+# Rebuild what the course ships (deterministic; see data/README.md and lessons/00_setup_and_tour.md).
+data: install
+	$(VENV)/bin/python data/generate.py
+standin: install
+	$(VENV)/bin/python -m helpers.standin build
+
+clean-outputs:
+	rm -rf outputs
