@@ -1,0 +1,150 @@
+"""Where the course runs: the environment report, the smoke switch and the output folder.
+
+Taught in notebooks/00_setup_and_tour.ipynb; every notebook calls `environment_report()` first.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_ROOT = REPO_ROOT / "outputs"
+
+_TRUE = {"1", "true", "yes", "on"}
+_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "accelerate", "deepspeed")
+
+
+def smoke() -> bool:
+    """True when the notebooks should run at test size.
+
+    `COURSE_SMOKE=1` turns it on, `COURSE_SMOKE=0` off; without it, the `CI` variable that CI
+    services set decides. A learner's run and the test run execute the same cells; only sizes
+    change. Taught in notebooks/00_setup_and_tour.ipynb.
+    """
+    value = os.environ.get("COURSE_SMOKE")
+    if value is None:
+        value = os.environ.get("CI", "")
+    return value.strip().lower() in _TRUE
+
+
+def offline() -> bool:
+    """True when the Hugging Face Hub must not be contacted (`HF_HUB_OFFLINE=1`).
+
+    Taught in notebooks/00_setup_and_tour.ipynb.
+    """
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def where() -> str:
+    """'Colab', 'Kaggle' or 'local'. Taught in notebooks/00_setup_and_tour.ipynb."""
+    if "google.colab" in sys.modules:
+        return "Colab"
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        return "Kaggle"
+    return "local"
+
+
+def bitsandbytes_4bit_status() -> tuple[bool, str]:
+    """Whether bitsandbytes can quantize to 4 bits here, and why (not).
+
+    bitsandbytes 0.50 runs NF4 on CUDA and on x86 CPUs. Importing it is the only honest check.
+    Taught in notebooks/00_setup_and_tour.ipynb.
+    """
+    import logging
+
+    # On CPUs with AVX512-BF16 the import logs a failed optional kernel download; it is harmless.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as F
+        import torch
+
+        F.quantize_4bit(torch.zeros(64), quant_type="nf4")
+    except Exception as error:  # any failure means 4-bit is not usable here
+        return False, f"{type(error).__name__}: {error}"
+    return True, "quantize_4bit(nf4) works"
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the course's main libraries. Taught in notebooks/00_setup_and_tour.ipynb."""
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def environment_report(show: bool = True) -> dict[str, str]:
+    """Collect (and print) where this notebook runs: platform, device, bf16, 4-bit, hub, versions.
+
+    Every notebook prints it first, so a result can always be traced to the machine that made it.
+    Taught in notebooks/00_setup_and_tour.ipynb.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        device = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        bf16 = True  # PyTorch computes bf16 on any CPU, natively where AVX512-BF16 exists
+    ok4, why4 = bitsandbytes_4bit_status()
+    report = {
+        "platform": f"{where()} / {platform.system()} {platform.machine()}",
+        "device": device,
+        "bf16": "yes" if bf16 else "no (use fp16 on this GPU)",
+        "bitsandbytes 4-bit": "usable" if ok4 else f"not usable: {why4}",
+        "hub": "offline (HF_HUB_OFFLINE=1)" if offline() else "online if reachable",
+        "smoke run": "yes (test size)" if smoke() else "no (learner size)",
+    }
+    report.update(library_versions())
+    if show:
+        width = max(map(len, report))
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value}")
+    return report
+
+
+def quiet_known_warnings() -> None:
+    """Silence three harmless notices that would otherwise clutter every notebook's outputs.
+
+    - peft 0.21 calls `is_gradient_checkpointing`, which transformers 5 deprecates (a FutureWarning);
+    - transformers draws a "Loading weights" progress bar for every `from_pretrained`;
+    - DeepSpeed, imported by the Trainer, warns that it found no GPU: we tell it the CPU is meant
+      (`DS_ACCELERATOR=cpu`) when there is no CUDA device.
+    Call it explicitly (every notebook's configuration cell does); importing helpers changes nothing.
+    Taught in notebooks/00_setup_and_tour.ipynb.
+    """
+    import warnings
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def output_dir(name: str, clean: bool = True) -> Path:
+    """The folder a notebook writes to: `outputs/<name>/`, ignored by git.
+
+    With `clean=True` (the default) it is emptied first, on purpose, so that re-running a notebook
+    never mixes files of two runs. Taught in notebooks/00_setup_and_tour.ipynb.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"output_dir name must be a string such as the notebook's slug ('01_lora_basics'), "
+                        f"got {type(name).__name__}")
+    if not name.strip() or Path(name).name != name or name in {".", ".."}:
+        raise ValueError(f"output_dir name must be a plain folder name such as the notebook's slug "
+                         f"('01_lora_basics'), not a path; got {name!r}")
+    path = OUTPUT_ROOT / name
+    if clean and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

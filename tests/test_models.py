@@ -1,0 +1,112 @@
+"""helpers.models: offline resolution to the stand-in, loading, LoRA targets per family, counting."""
+import pytest
+import torch
+import transformers
+
+from helpers import models
+from helpers.models import DEFAULT_MODEL, LORA_TARGET_MODULES, lora_target_modules, resolve_model
+
+
+def test_default_model_resolves_to_the_standin_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    choice = resolve_model()
+    assert choice.standin and choice.requested == DEFAULT_MODEL
+    assert "HF_HUB_OFFLINE=1" in choice.reason
+    assert "NOT Pythia" in str(choice)  # a stand-in is never presented as Pythia
+
+
+def test_other_hub_models_fail_offline_with_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="stands in only for EleutherAI/pythia-70m-deduped"):
+        resolve_model("bigscience/bloom-7b1")
+
+
+@pytest.mark.parametrize("bad", ["", "   ", None, 3])
+def test_model_name_must_be_a_nonempty_string(bad):
+    with pytest.raises(ValueError, match="model name"):
+        resolve_model(bad)
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(OSError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_cached_real_model_wins_over_the_standin(monkeypatch):
+    monkeypatch.setattr(models, "_cached", lambda name: True)
+    choice = resolve_model()
+    assert not choice.standin and choice.path == DEFAULT_MODEL
+
+
+def test_standin_is_pythia_shaped_and_generates():
+    tokenizer = models.load_tokenizer()
+    model = models.load_model(verbose=False)
+    config = model.config
+    assert config.model_type == "gpt_neox" and config.use_parallel_residual
+    assert config.rope_parameters["partial_rotary_factor"] == 0.25  # Pythia's rotary_pct
+    assert not config.tie_word_embeddings
+    names = {name for name, _ in model.named_modules()}
+    for part in ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"):
+        assert any(name.endswith(part) for name in names), part
+    text = "3 加 4 等于"
+    ids = tokenizer(text, return_tensors="pt")
+    assert tokenizer.decode(ids["input_ids"][0]) == text  # byte-level BPE round-trips Chinese
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_bad_load_arguments():
+    with pytest.raises(ValueError, match="quantization"):
+        models.load_model(quantization="int3")
+    with pytest.raises(ValueError, match="head"):
+        models.load_model(head="seq2seq")
+
+
+# Tiny random models of the families transformers ships, to check the target-module table.
+TINY = {
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False),
+    "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+    "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("which", ["attention", "all"])
+def test_target_modules_match_real_layers(family, which):
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.AutoConfig.for_model(family, vocab_size=128, **TINY[family])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    targets = lora_target_modules(model, which)
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    assert set(targets) <= leaf_names, set(targets) - leaf_names
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    adapted = {name.split(".")[-4] for name, _ in peft_model.named_parameters() if "lora_A" in name}  # …q_proj.lora_A.default.weight
+    assert adapted == set(targets)
+
+
+def test_remote_code_families_are_in_the_table():
+    for family in ("chatglm", "baichuan", "qwen"):
+        assert lora_target_modules(family, "attention")
+    assert set(LORA_TARGET_MODULES) >= set(TINY)
+
+
+def test_unknown_family_is_rejected_with_the_known_list():
+    with pytest.raises(ValueError, match="known: .*gpt_neox"):
+        lora_target_modules("t5")
+    with pytest.raises(ValueError, match="which"):
+        lora_target_modules("gpt_neox", "mlp")
+
+
+def test_parameter_table_adds_up():
+    model = models.load_model(verbose=False)
+    table = models.parameter_table(model)
+    counts = models.count_parameters(model)
+    assert table["parameters"].sum() == counts["total"] == counts["trainable"]
+    assert abs(table["share_%"].sum() - 100) < 0.1
