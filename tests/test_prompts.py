@@ -1,0 +1,73 @@
+"""helpers.prompts: the label mask (loss on the response only), the multi-turn format, the collator."""
+import pytest
+
+from helpers.models import load_tokenizer
+from helpers.prompts import (IGNORE_INDEX, alpaca_prompt, collator, prompt_and_response, show_label_mask,
+                             tokenize_conversation, tokenize_prompt_response)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def test_prompt_tokens_are_masked_and_response_plus_eos_trained(tokenizer):
+    prompt, response = "判断类别：年龄在18至65岁之间\n答：", "年龄"
+    features = tokenize_prompt_response(tokenizer, prompt, response)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    n_response = len(tokenizer(response, add_special_tokens=False)["input_ids"])
+    assert features["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert features["labels"][n_prompt:] == features["input_ids"][n_prompt:]
+    assert features["input_ids"][-1] == tokenizer.eos_token_id
+    assert len(features["input_ids"]) == n_prompt + n_response + 1
+    assert tokenizer.decode(features["input_ids"][n_prompt:-1]) == response
+
+
+def test_prompt_longer_than_max_source_length_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="max_source_length=2"):
+        tokenize_prompt_response(tokenizer, "一个很长的问题是什么", "答", max_source_length=2)
+
+
+def test_target_is_cut_but_keeps_eos(tokenizer):
+    features = tokenize_prompt_response(tokenizer, "问：", "a long answer with many words", max_target_length=3)
+    trained = [t for t in features["labels"] if t != IGNORE_INDEX]
+    assert len(trained) == 3 and trained[-1] == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="at least 1"):
+        tokenize_prompt_response(tokenizer, "问：", "答", max_target_length=0)
+
+
+def test_conversation_trains_only_the_assistant_turns(tokenizer):
+    turns = [{"human": "3 加 4 等于多少？", "assistant": "等于 7。"}, {"human": "再加 2 呢？", "assistant": "等于 9。"}]
+    features = tokenize_conversation(tokenizer, turns)
+    trained = tokenizer.decode([t for t in features["labels"] if t != IGNORE_INDEX])
+    eos = tokenizer.eos_token
+    assert trained == f"等于 7。{eos}等于 9。{eos}"
+    assert features["input_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.decode(features["input_ids"]) == f"{tokenizer.bos_token}3 加 4 等于多少？{eos}等于 7。{eos}再加 2 呢？{eos}等于 9。{eos}"
+    with pytest.raises(ValueError, match="at least one turn"):
+        tokenize_conversation(tokenizer, [])
+    with pytest.raises(ValueError, match="turn 0 needs keys"):
+        tokenize_conversation(tokenizer, [{"user": "hi"}])
+
+
+def test_show_label_mask_marks_spans(tokenizer):
+    shown = show_label_mask(tokenizer, tokenize_prompt_response(tokenizer, "问：1 加 1？\n答：", "2"))
+    assert shown.startswith("[masked: 问：1 加 1？\\n答：]") and "«trained: 2" in shown
+
+
+def test_collator_pads_dynamically_with_ignored_labels(tokenizer):
+    short = tokenize_prompt_response(tokenizer, "问：", "好")
+    long = tokenize_prompt_response(tokenizer, "问：这是一个更长的问题吗？", "是的，更长。")
+    batch = collator(tokenizer)([short, long])
+    assert batch["input_ids"].shape[1] == len(long["input_ids"])  # padded to the batch's longest
+    pad = len(long["input_ids"]) - len(short["input_ids"])
+    assert batch["labels"][0, -pad:].tolist() == [IGNORE_INDEX] * pad
+    assert batch["attention_mask"][0].sum() == len(short["input_ids"])
+
+
+def test_formats():
+    assert prompt_and_response({"input": "p", "target": "t"}, "promptcblue") == ("p", "t")
+    assert alpaca_prompt("Add 1 and 2.") == "### Instruction:\nAdd 1 and 2.\n### Response:\n"
+    assert "### Input:\nx\n" in prompt_and_response({"instruction": "i", "input": "x", "output": "o"}, "alpaca")[0]
+    with pytest.raises(ValueError, match="tokenize_conversation"):
+        prompt_and_response({}, "conversation")
