@@ -1,0 +1,50 @@
+"""environment.yml and pyproject.toml must name the same packages with the same ranges."""
+import re
+import tomllib
+
+from helpers.env import REPO_ROOT
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\s\[]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pyproject() -> dict[str, str]:
+    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    return {_name(r): r.replace(" ", "") for r in data["project"]["dependencies"]}
+
+
+def _environment_yml() -> dict[str, str]:
+    found, in_pip = {}, False
+    for line in (REPO_ROOT / "environment.yml").read_text().splitlines():
+        stripped = line.split("#", 1)[0].strip()
+        if stripped == "- pip:":
+            in_pip = True
+        elif in_pip and stripped.startswith("- ") and not stripped.startswith("- -e"):
+            requirement = stripped[2:].strip()
+            found[_name(requirement)] = requirement.replace(" ", "")
+    return found
+
+
+def test_environment_yml_names_the_same_packages_as_pyproject():
+    pyproject, conda = _pyproject(), _environment_yml()
+    assert set(conda) == set(pyproject), (set(conda) ^ set(pyproject))
+    for name, requirement in pyproject.items():
+        if name != "torch":  # torch is pinned exactly in both installers, within pyproject's range
+            assert conda[name] == requirement, (name, conda[name], requirement)
+    assert conda["torch"] == "torch==2.13.0"
+
+
+def test_every_dependency_says_which_notebooks_use_it():
+    for line in (REPO_ROOT / "pyproject.toml").read_text().splitlines():
+        if re.match(r'\s+"[a-z]', line) and "," in line and "=" in line:
+            assert "#" in line, f"pyproject dependency without a comment: {line.strip()}"
+
+
+def test_makefile_installs_the_same_torch_and_ci_runs_make_test():
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "TORCH  ?= torch==2.13.0" in makefile
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "make test" in readme and "make lab" in readme
