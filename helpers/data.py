@@ -379,6 +379,9 @@ def _names(names: str | os.PathLike | Iterable) -> list:
         return [names]
     if isinstance(names, str):
         items = [n.strip() for n in names.split(",")]
+    elif not isinstance(names, Iterable):
+        raise TypeError(f"expected dataset names like 'alpaca_zh' or 'alpaca_zh,alpaca_en' (or a list of them), "
+                        f"got {names!r}; known names: {', '.join(dataset_names())}")
     else:
         items = [n.strip() if isinstance(n, str) else n for n in names]
     if not items or any(n == "" for n in items):

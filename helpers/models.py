@@ -224,7 +224,9 @@ def load_model(name: str = DEFAULT_MODEL, *, quantization: str | None = None, dt
         if not usable:
             raise RuntimeError(f"quantization={quantization!r} needs bitsandbytes, which cannot run here ({why}). "
                                "Load without quantization, or run on a CUDA GPU / x86 CPU with bitsandbytes>=0.50.")
-        compute_dtype = compute_dtype or (torch.bfloat16 if cuda else torch.float32)
+        from .quantization import preferred_compute_dtype
+
+        compute_dtype = compute_dtype or preferred_compute_dtype()  # bf16, or fp16 on T4/V100, fp32 on CPU
         if quantization == "int8":
             config = transformers.BitsAndBytesConfig(load_in_8bit=True)
         else:
