@@ -1,0 +1,172 @@
+"""DeepSpeed configs, the training script's arguments, and the ZeRO formulas against DeepSpeed's estimator.
+
+Taught in notebooks/04_deepspeed_zero.ipynb. Every config in configs/deepspeed/ goes through DeepSpeed's own
+parser after the 🤗 Trainer has filled its "auto" values, exactly as a launch would.
+"""
+import importlib.util
+import json
+import types
+
+import pytest
+
+from helpers.env import REPO_ROOT
+
+CONFIG_DIR = REPO_ROOT / "configs" / "deepspeed"
+CONFIGS = sorted(CONFIG_DIR.glob("*.json"))
+# file -> (stage, optimizer offloaded, parameters offloaded, DeepSpeed's own optimizer)
+EXPECTED = {
+    "zero2.json": (2, False, False, False),
+    "zero2_offload.json": (2, True, False, True),
+    "zero3.json": (3, False, False, False),
+    "zero3_offload.json": (3, True, True, True),
+}
+
+
+def _fill_and_parse(path, tmp_path, **training_arguments):
+    """Fill "auto" as TrainingArguments(deepspeed=...) does, then parse with DeepSpeed's DeepSpeedConfig."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(path), use_cpu=True, report_to="none",
+                             **training_arguments)
+    hf_config = args.hf_deepspeed_config
+    model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=128))  # the course model's width
+    hf_config.trainer_config_finalize(args, model, num_training_steps=10)
+    filled = json.loads(json.dumps(hf_config.config))
+    unset_hf_deepspeed_config()
+    return filled, DeepSpeedConfig(filled)
+
+
+def test_the_course_ships_the_expected_configs():
+    assert [p.name for p in CONFIGS] == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_is_accepted_by_deepspeeds_parser(path, tmp_path):
+    filled, parsed = _fill_and_parse(path, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                     max_grad_norm=0.5)
+    stage, offload_optimizer, offload_params, own_optimizer = EXPECTED[path.name]
+    assert "auto" not in json.dumps(filled)
+    assert parsed.zero_optimization_stage == stage
+    assert (parsed.zero_config.offload_optimizer is not None) == offload_optimizer
+    assert (parsed.zero_config.offload_param is not None) == offload_params
+    assert (parsed.optimizer_name is not None) == own_optimizer  # offload needs DeepSpeed's CPU Adam
+    # "auto" took the Trainer's values: 1 process x 4 x 2, clipping = max_grad_norm, fp32 on CPU
+    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (8, 4, 2)
+    assert parsed.gradient_clipping == 0.5
+    assert filled["fp16"]["enabled"] is False and filled["bf16"]["enabled"] is False
+    if stage == 3:
+        assert filled["zero_optimization"]["reduce_bucket_size"] == 128 * 128  # "auto" = hidden_size**2
+        assert filled["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_all_configs_share_the_seeds_precision_and_batch_fields():
+    seed = json.loads((CONFIG_DIR / "zero2.json").read_text())
+    for path in CONFIGS:
+        config = json.loads(path.read_text())
+        for key in ("fp16", "bf16", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size",
+                    "train_micro_batch_size_per_gpu"):
+            assert config[key] == seed[key], (path.name, key)
+
+
+def test_the_seeds_min_loss_scale_is_rejected(tmp_path):
+    """The training kit's file had min_loss_scale 1e-10; DeepSpeed 0.19 requires an integer (lesson 04)."""
+    from pydantic import ValidationError
+
+    config = json.loads((CONFIG_DIR / "zero2.json").read_text())
+    config["fp16"]["min_loss_scale"] = 1e-10
+    path = tmp_path / "kit.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValidationError, match="min_loss_scale"):
+        _fill_and_parse(path, tmp_path)
+
+
+def test_deepspeed_checks_the_global_batch(tmp_path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    filled, _ = _fill_and_parse(CONFIG_DIR / "zero2.json", tmp_path, per_device_train_batch_size=4)
+    filled["train_batch_size"] = 16  # what 2 devices x 4 x 2 would need, but this is 1 process x 4 x 1
+    with pytest.raises(AssertionError, match="train_batch_size"):
+        DeepSpeedConfig(filled)
+
+
+# --- the ZeRO formulas (helpers.memory) against DeepSpeed's estimator ---------------------------------
+@pytest.mark.parametrize("devices", [1, 2, 8, 64])
+def test_zero_formulas_match_deepspeeds_estimator_up_to_its_documented_extras(devices):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from helpers.memory import zero_model_states
+
+    psi, largest = 7_000_000_000, 262_144_000  # a 7B model with a 32000 x 8192 embedding
+    ds2 = estimate_zero2_model_states_mem_needs(psi, num_gpus_per_node=devices, cpu_offload=False)[1]
+    ds2_offload = estimate_zero2_model_states_mem_needs(psi, num_gpus_per_node=devices, cpu_offload=True)[1]
+    ds3 = estimate_zero3_model_states_mem_needs(psi, largest, num_gpus_per_node=devices, cpu_offload=False)[1]
+    ds3_offload = estimate_zero3_model_states_mem_needs(psi, largest, num_gpus_per_node=devices)[1]
+    ours = lambda **kw: zero_model_states(psi, num_devices=devices, **kw)["total"]  # noqa: E731
+    # DeepSpeed adds an fp32 gradient shard (4 bytes/param/N); for stage 3 it uses 18 bytes/param/N for
+    # everything sharded and adds an fp32 buffer of the largest layer.
+    assert abs(ds2 - (ours(stage=2) + 4 * psi / devices)) <= 1
+    assert ds2_offload == ours(stage=2, offload_optimizer=True) == 2 * psi
+    assert abs(ds3 - (ours(stage=3) + 2 * psi / devices + 4 * largest)) <= 1
+    assert ds3_offload == ours(stage=3, offload_optimizer=True, offload_params=True) + 4 * largest
+
+
+# --- scripts/train_lora.py: --help and argument errors --------------------------------------------------
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_lora", REPO_ROOT / "scripts" / "train_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_lists_the_launch_relevant_flags(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--deepspeed", "--per_device_train_batch_size", "--gradient_accumulation_steps",
+                 "--ddp_find_unused_parameters", "--local_rank", "--output_dir"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--output_dir"),
+    (["--output_dir", "x", "--max_steps", "0"], "--max_steps must be a positive integer, got 0"),
+    (["--output_dir", "x", "--per_device_train_batch_size", "-1"], "--per_device_train_batch_size must be a positive"),
+    (["--output_dir", "x", "--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
+    (["--output_dir", "x", "--fp16", "--bf16"], "--fp16 and --bf16 exclude each other"),
+    (["--output_dir", "x", "--deepspeed", "configs/deepspeed/zero4.json"], "the course ships configs/deepspeed/zero2.json"),
+    (["--output_dir", "x", "--dataset", "nope"], "--dataset 'nope' is unknown; known:"),
+    (["--output_dir", "x", "--dataset", "conversations"], "has format 'conversation'"),
+    (["--output_dir", "x", "--ddp_find_unused_parameters", "maybe"], "invalid choice"),
+])
+def test_bad_arguments_fail_with_a_clear_message(script, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_deepspeed_file_that_is_not_a_zero_config_is_refused(script, capsys, tmp_path):
+    bad_json, no_zero = tmp_path / "bad.json", tmp_path / "nozero.json"
+    bad_json.write_text("{not json")
+    no_zero.write_text(json.dumps({"train_batch_size": "auto"}))
+    for path, message in ((bad_json, "is not valid JSON"), (no_zero, "has no 'zero_optimization' section")):
+        with pytest.raises(SystemExit):
+            script.main(["--output_dir", str(tmp_path), "--deepspeed", str(path)])
+        assert message in capsys.readouterr().err
+
+
+def test_ddp_find_unused_parameters_accepts_the_trainers_spelling(script):
+    args = script.build_parser().parse_args(["--output_dir", "x", "--ddp_find_unused_parameters", "False"])
+    assert args.ddp_find_unused_parameters == "false"
+
+
+@pytest.mark.parametrize("name, world_size, engine", [
+    ("zero2.json", 2, "DeepSpeed ZeRO-2"), ("zero3_offload.json", 2, "DeepSpeed ZeRO-3"),
+    (None, 2, "DDP"), (None, 1, "single process")])
+def test_engine_names_what_runs_the_loop(script, name, world_size, engine):
+    assert script.engine(str(CONFIG_DIR / name) if name else None, world_size) == engine
