@@ -1,0 +1,219 @@
+"""helpers.ppo: every piece of notebook 05's PPO on small hand-computable cases, then a tiny end-to-end run."""
+import copy
+import math
+
+import pytest
+import torch
+
+from helpers.ppo import (PolicyWithValueHead, PPOConfig, clipped_policy_loss, evaluate_policy, full_kl, gae,
+                         kl_penalized_rewards, logprobs_from_logits, masked_mean, minibatch_indices,
+                         position_ids_from_mask, ppo_step, response_logprobs, response_mask, rollout, value_loss,
+                         whiten)
+
+
+# --- tensor helpers ------------------------------------------------------------------------------
+def test_masked_mean_ignores_masked_entries():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(values, mask).item() == pytest.approx(7 / 3)
+    torch.testing.assert_close(masked_mean(values, mask, dim=1), torch.tensor([1.5, 4.0]))
+    with pytest.raises(ValueError, match="same shape"):
+        masked_mean(values, mask[:, :2])
+
+
+def test_whiten_gives_mean_zero_std_one_on_the_mask():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    out = whiten(values, mask)
+    s = math.sqrt(1.5)  # population std of 1, 2, 3 is sqrt(2/3); (x - 2) / sqrt(2/3)
+    torch.testing.assert_close(out, torch.tensor([[-s, 0.0, s, 0.0]]), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(whiten(values, mask, shift_mean=False), torch.tensor([[2 - s, 2.0, 2 + s, 0.0]]),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_logprobs_from_logits():
+    logits = torch.zeros(1, 2, 4)  # uniform over 4 tokens
+    logits[0, 1] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    out = logprobs_from_logits(logits, torch.tensor([[3, 2]]))
+    torch.testing.assert_close(out, torch.tensor([[math.log(0.25), math.log(0.3)]]))
+
+
+def test_response_mask_stops_after_the_first_eos():
+    eos = 0
+    responses = torch.tensor([[5, 0, 1, 1], [5, 6, 7, 8], [0, 1, 1, 1], [5, 0, 0, 7]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.float)
+    torch.testing.assert_close(response_mask(responses, eos), expected)
+
+
+def test_position_ids_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+# --- rewards, GAE, losses ------------------------------------------------------------------------
+def test_kl_penalized_rewards_by_hand():
+    logprobs = torch.tensor([[-1.0, -1.0, -5.0], [-0.5, -2.0, -3.0]])
+    ref = torch.tensor([[-2.0, -1.0, -1.0], [-1.0, -1.0, -3.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    rewards, kl = kl_penalized_rewards(torch.tensor([3.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
+    # row 0: kl = [1, 0, (masked)], score 3 lands on token 1 (the last real one)
+    # row 1: kl = [0.5, -1, 0], score -1 lands on token 2
+    torch.testing.assert_close(kl, torch.tensor([[1.0, 0.0, 0.0], [0.5, -1.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.1, 3.0, 0.0], [-0.05, 0.1, -1.0]]))
+
+
+def test_kl_penalized_rewards_bad_input():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+        kl_penalized_rewards(torch.zeros(2), x, x, x, kl_coef=-1)
+    with pytest.raises(ValueError, match="one per response"):
+        kl_penalized_rewards(torch.zeros(3), x, x, x, kl_coef=0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        kl_penalized_rewards(torch.zeros(2), x, x[:, :2], x, kl_coef=0.1)
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 1.0, 7.0]])
+    values = torch.tensor([[0.5, 0.5, 9.0]])
+    mask = torch.tensor([[1, 1, 0]])  # the third token does not exist: its reward and value are ignored
+    # lam = 1, gamma = 1: delta = [0 + 0.5 - 0.5, 1 + 0 - 0.5] = [0, 0.5]; A = [0.5, 0.5]; returns = A + V = [1, 1]
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[0.5, 0.5, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 0.0]]))
+    # lam = 0.5: A_1 = 0.5, A_0 = 0 + 0.5 * 0.5 = 0.25
+    advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    torch.testing.assert_close(advantages, torch.tensor([[0.25, 0.5, 0.0]]))
+    # gamma = 0.5, lam = 1: delta_0 = 0 + 0.5 * 0.5 - 0.5 = -0.25; A_0 = -0.25 + 0.5 * 0.5 = 0
+    advantages, _ = gae(rewards, values, mask, gamma=0.5, lam=1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.5, 0.0]]))
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2)
+    # ratio 1: the loss is -mean(A), nothing clipped
+    loss, stats = clipped_policy_loss(old.clone(), old, torch.tensor([[1.0, 3.0]]), mask, clip_range=0.2)
+    assert loss.item() == pytest.approx(-2.0) and stats["clipfrac"] == 0.0 and stats["approx_kl"] == 0.0
+    # ratio 1.5 on both tokens: with A = +1 the gain is capped at 1.2; with A = -1 the loss is NOT capped (1.5)
+    logprobs = torch.full((1, 2), math.log(1.5))
+    loss, stats = clipped_policy_loss(logprobs, old, torch.tensor([[1.0, -1.0]]), mask, clip_range=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
+    assert stats["clipfrac"] == pytest.approx(0.5)
+    assert stats["approx_kl"] == pytest.approx(0.5 * math.log(1.5) ** 2)
+    with pytest.raises(ValueError, match="clip_range must be > 0"):
+        clipped_policy_loss(old, old, old, mask, clip_range=0)
+
+
+def test_clipped_policy_loss_has_no_gradient_beyond_the_clip():
+    logprobs = torch.full((1, 1), math.log(1.5), requires_grad=True)
+    loss, _ = clipped_policy_loss(logprobs, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
+    loss.backward()
+    assert logprobs.grad.item() == 0.0
+
+
+def test_value_loss_by_hand():
+    old, returns, mask = torch.ones(1, 1), torch.full((1, 1), 3.0), torch.ones(1, 1)
+    # unclipped: (2 - 3)^2 = 1; clipped value 1.2: (1.2 - 3)^2 = 3.24; the max, halved: 1.62
+    assert value_loss(torch.full((1, 1), 2.0), old, returns, mask, 0.2).item() == pytest.approx(1.62)
+    # inside the clip range both terms agree: 0.5 * (1.1 - 3)^2
+    assert value_loss(torch.full((1, 1), 1.1), old, returns, mask, 0.2).item() == pytest.approx(0.5 * 1.9 ** 2)
+
+
+def test_full_kl_by_hand():
+    p = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))
+    q = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5]]]))
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # 0.143841...; the second token adds 0
+    torch.testing.assert_close(full_kl(p, q, torch.ones(1, 2)), torch.tensor([expected]))
+    torch.testing.assert_close(full_kl(p, p, torch.ones(1, 2)), torch.tensor([0.0]))
+
+
+def test_minibatch_indices_partition_the_batch():
+    parts = minibatch_indices(10, 4, torch.Generator().manual_seed(0))
+    assert [len(p) for p in parts] == [4, 4, 2]
+    assert sorted(torch.cat(parts).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="minibatch_size >= 1"):
+        minibatch_indices(10, 0)
+
+
+def test_ppo_config_validates():
+    with pytest.raises(ValueError, match="must divide batch_size"):
+        PPOConfig(batch_size=8, minibatch_size=3)
+    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+        PPOConfig(kl_coef=-0.1)
+    with pytest.raises(ValueError, match=r"lam must be in \[0, 1\]"):
+        PPOConfig(lam=1.5)
+    assert PPOConfig().as_dict()["clip_range"] == 0.2
+
+
+# --- a tiny model end to end ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    """A 7-word tokenizer and a one-layer GPT-NeoX: fast, and sampled words are whole words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<pad>": 1, "a": 2, "b": 3, "c": 4, "d": 5, "q": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="q"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=64, pad_token_id=1, eos_token_id=0,
+                           bos_token_id=0)
+    return tokenizer, GPTNeoXForCausalLM(config).eval()
+
+
+def test_value_head_starts_at_zero(tiny):
+    tokenizer, model = tiny
+    policy = PolicyWithValueHead(copy.deepcopy(model))
+    batch = tokenizer(["a b", "c"], return_tensors="pt", padding=True)
+    logits, values = policy(batch["input_ids"], batch["attention_mask"])
+    assert logits.shape == (2, 2, 7) and values.shape == (2, 2)
+    assert torch.count_nonzero(values) == 0
+
+
+def test_rollout_logprobs_match_what_generate_sampled_from(tiny):
+    """With left padding the forward pass must see the same positions generate saw (position ids)."""
+    tokenizer, model = tiny
+    torch.manual_seed(1)
+    ro = rollout(model, tokenizer, ["a b c d", "b"], max_new_tokens=5)
+    assert ro.query_ids[1, 0] == tokenizer.pad_token_id  # the short prompt was padded on the left
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["a b c d", "b"], return_tensors="pt", padding=True)
+    tokenizer.padding_side = "right"
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=5, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=1, eos_token_id=0)
+    greedy = out.sequences[:, batch["input_ids"].shape[1]:]
+    ro.responses, ro.mask = greedy, response_mask(greedy, 0)
+    expected = logprobs_from_logits(torch.stack(out.logits, dim=1), greedy)
+    with torch.no_grad():
+        ours = response_logprobs(model, ro)
+    torch.testing.assert_close(ours * ro.mask, expected * ro.mask, atol=1e-5, rtol=1e-5)
+
+
+def test_ppo_raises_the_reward_on_a_tiny_model(tiny):
+    """Reward = share of the word "a" in the response. A few PPO iterations must raise it; KL becomes > 0."""
+    tokenizer, model = tiny
+    torch.manual_seed(0)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    policy = PolicyWithValueHead(copy.deepcopy(model))
+
+    def reward_fn(prompts, texts):
+        return [t.split().count("a") / max(len(t.split()), 1) for t in texts]
+
+    config = PPOConfig(batch_size=8, minibatch_size=4, ppo_epochs=2, learning_rate=3e-2, kl_coef=0.01,
+                       max_new_tokens=6)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
+    prompts = ["a b", "c", "d d", "b c a", "q", "a", "b b", "c d"]
+    before = evaluate_policy(policy, reference, tokenizer, prompts, reward_fn, max_new_tokens=6, seed=0)
+    assert before["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    history = [ppo_step(policy, reference, tokenizer, prompts, reward_fn, optimizer, config, generator)
+               for _ in range(12)]
+    after = evaluate_policy(policy, reference, tokenizer, prompts, reward_fn, max_new_tokens=6, seed=0)
+    assert {"score", "kl", "policy_loss", "value_loss", "clipfrac", "approx_kl"} <= set(history[0])
+    assert after["mean_score"] > before["mean_score"] + 0.3, (before["mean_score"], after["mean_score"])
+    assert after["mean_kl"] > 0.1
+    with pytest.raises(ValueError, match="batch_size is 8"):
+        ppo_step(policy, reference, tokenizer, prompts[:3], reward_fn, optimizer, config)
