@@ -144,8 +144,7 @@ LOADS_THE_COURSE_MODEL = [p for p in NOTEBOOKS if re.search(r"(load_model|resolv
 
 # Gaps in notebooks other engineers own, reported to the lead; strict, so a fix turns them into failures
 # that say to remove the entry.
-SILENT_NOTEBOOKS = {"05_rlhf.ipynb": "loads the base model only with verbose=False",
-                    "07_export_chat_api.ipynb": "loads the base model only with verbose=False"}
+SILENT_NOTEBOOKS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=SILENT_NOTEBOOKS[p.name]))
