@@ -1,0 +1,180 @@
+"""helpers.api: the OpenAI-compatible server, called over real HTTP on a loopback port."""
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from helpers.api import (APIError, ChatMessage, ServerProcess, ServerThread, check_loopback, create_app,
+                         messages_to_turns)
+from helpers.chat import ChatSession
+from helpers.env import REPO_ROOT
+from helpers.export import load_for_inference
+from helpers.models import DEFAULT_MODEL
+
+MODEL = DEFAULT_MODEL  # offline: the course's stand-in
+LIMIT = 16  # the server's max_tokens limit in these tests
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_for_inference(MODEL, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    model, tokenizer = loaded
+    server = ServerThread(create_app(model, tokenizer, model_id="tiny", max_tokens_limit=LIMIT))
+    yield server
+    assert server.stop(), "the server thread did not stop"
+
+
+def _ask(content, **fields):
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], "temperature": 0, **fields}
+
+
+def _stream(url, body):
+    """POST with stream: true; returns the parsed chunks and whether [DONE] ended the stream."""
+    chunks, done = [], False
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue  # blank separators and keep-alive comments
+            assert not done, "nothing may follow [DONE]"
+            if line == "data: [DONE]":
+                done = True
+            else:
+                chunks.append(json.loads(line.removeprefix("data: ")))
+    return chunks, done
+
+
+def test_models_lists_the_one_served_model(server):
+    body = httpx.get(f"{server.url}/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["tiny"]
+
+
+@pytest.mark.parametrize("penalty", [None, 1.3])
+def test_completion_matches_the_chat_session(server, loaded, penalty):
+    model, tokenizer = loaded
+    history = [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "It is 7."},
+               {"role": "user", "content": "And if you add 2 more?"}]
+    extra = {} if penalty is None else {"repetition_penalty": penalty}
+    response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                          json={"model": "tiny", "messages": history, "temperature": 0, "max_tokens": 8, **extra})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    session = ChatSession(model, tokenizer, max_new_tokens=8, do_sample=False, repetition_penalty=penalty or 1.0)
+    session.history = [{"human": "What is 3 plus 4?", "assistant": "It is 7."}]
+    assert choice["message"]["content"] == session.reply("And if you add 2 more?")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == session.last.prompt_tokens
+    assert usage["completion_tokens"] == session.last.completion_tokens <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_streamed_chunks_add_up_to_the_same_answer(server):
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json=_ask("Hello", max_tokens=10), timeout=60).json()
+    chunks, done = _stream(server.url, _ask("Hello", max_tokens=10, stream=True))
+    assert done
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.strip() == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["delta"] == {}
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+BAD_REQUESTS = [
+    ("invalid JSON", b'{"model": "tiny", "messages": [', 400, "not valid JSON"),
+    ("not an object", b"[1, 2]", 400, "valid dictionary"),
+    ("missing messages", json.dumps({"model": "tiny"}), 400, "messages: Field required"),
+    ("empty messages", json.dumps({"model": "tiny", "messages": []}), 400, "at least 1 item"),
+    ("unknown role", json.dumps(_ask("x") | {"messages": [{"role": "bot", "content": "x"}]}), 400,
+     "messages.0.role: Input should be 'system', 'user' or 'assistant'"),
+    ("starts with assistant", json.dumps(_ask("x") | {"messages": [{"role": "assistant", "content": "x"}]}), 400,
+     "messages[0] has role 'assistant' but 'user' was expected"),
+    ("ends with assistant", json.dumps(_ask("x") | {"messages": [{"role": "user", "content": "x"},
+                                                                  {"role": "assistant", "content": "y"}]}), 400,
+     "the last message must have role 'user'"),
+    ("system not first", json.dumps(_ask("x") | {"messages": [{"role": "user", "content": "x"},
+                                                               {"role": "system", "content": "y"}]}), 400,
+     "only allowed first"),
+    ("max_tokens too large", json.dumps(_ask("x", max_tokens=LIMIT + 1)), 400,
+     f"max_tokens is {LIMIT + 1}, more than this server allows ({LIMIT})"),
+    ("max_tokens negative", json.dumps(_ask("x", max_tokens=-5)), 400, "max_tokens: Input should be greater than or equal to 1"),
+    ("temperature too high", json.dumps(_ask("x", temperature=3)), 400, "temperature"),
+    ("n > 1", json.dumps(_ask("x", n=2)), 400, "n: Input should be less than or equal to 1"),
+    ("repetition_penalty 0", json.dumps(_ask("x", repetition_penalty=0)), 400, "repetition_penalty: Input should be greater than 0"),
+    ("unknown model", json.dumps(_ask("x") | {"model": "gpt-4o"}), 404, "'gpt-4o' does not exist here"),
+    ("prompt too long", json.dumps(_ask("hello " * 2100)), 400, "exceeds the model's context"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, body, status, message):
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert message in error["message"], error
+    assert set(error) == {"message", "type", "param", "code"}
+    after = httpx.post(f"{server.url}/v1/chat/completions", json=_ask("Hi", max_tokens=1), timeout=60)
+    assert after.status_code == 200
+
+
+def test_unknown_paths_and_methods_get_openai_style_errors(server):
+    assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["message"] == "GET /v1/nothing: Not Found"
+    assert httpx.get(f"{server.url}/v1/chat/completions").status_code == 405
+
+
+def test_a_client_that_hangs_up_mid_stream_does_not_block_the_server(server):
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=_ask("Hello", max_tokens=LIMIT, stream=True),
+                      timeout=60) as response:
+        next(response.iter_lines())  # read the first event, then hang up
+    after = httpx.post(f"{server.url}/v1/chat/completions", json=_ask("Hi", max_tokens=2), timeout=60)
+    assert after.status_code == 200
+
+
+def test_messages_to_turns():
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="a"),
+                ChatMessage(role="assistant", content="b"), ChatMessage(role="user", content="c")]
+    assert messages_to_turns(messages) == ([{"human": "Be brief.\na", "assistant": "b"}], "c")
+    assert messages_to_turns(messages[3:]) == ([], "c")
+    with pytest.raises(APIError, match="at least one 'user' message"):
+        messages_to_turns(messages[:1])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_loopback_hosts_are_allowed(host):
+    assert check_loopback(host) == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.com", "::"])
+def test_other_hosts_are_refused(host):
+    with pytest.raises(ValueError, match="not a loopback address"):
+        check_loopback(host)
+
+
+def test_server_module_runs_as_a_process_and_stops(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    refused = subprocess.run([sys.executable, "-m", "helpers.api", "--host", "0.0.0.0"], capture_output=True,
+                             text=True, cwd=REPO_ROOT, env=env, timeout=60)
+    assert refused.returncode == 2 and "not a loopback address" in refused.stderr
+    with pytest.raises(RuntimeError, match="--port must be in 1..65535"):  # a failed start shows the log
+        ServerProcess("--model", MODEL, port=70000, log_path=tmp_path / "bad.log")
+    server = ServerProcess("--model", MODEL, "--model-id", "tiny", log_path=tmp_path / "server.log")
+    try:
+        answer = httpx.post(f"{server.url}/v1/chat/completions", json=_ask("Hi", max_tokens=3), timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        assert server.stop() is not None
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/v1/models", timeout=2)
+    assert "serving tiny on" in server.log()

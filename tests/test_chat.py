@@ -1,0 +1,201 @@
+"""helpers.chat and helpers.export: the chat prompt format, streamed replies, the widget, the terminal chat."""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers.chat import ChatSession, Generation, chat_widget, conversation_prompt_ids, stream_generate
+from helpers.env import REPO_ROOT
+from helpers.export import load_for_inference, max_logit_difference, merge_and_save
+from helpers.models import DEFAULT_MODEL
+from helpers.prompts import tokenize_conversation
+
+MODEL = DEFAULT_MODEL  # offline: the course's stand-in
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_for_inference(MODEL, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, loaded):
+    """A LoRA adapter with random (non-zero) B, so that it really changes the model."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.models import load_model
+
+    torch.manual_seed(0)
+    base = load_model(MODEL, verbose=False)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["query_key_value", "dense_4h_to_h"],
+                        init_lora_weights=False)
+    model = get_peft_model(base, config)
+    path = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(path)
+    return path
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_is_the_training_format_up_to_the_answer(loaded):
+    _, tok = loaded
+    history = [{"human": "3 加 4 等于多少？", "assistant": "等于 7。"}]
+    ids, kept = conversation_prompt_ids(tok, history, "再加 2 呢？")
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    expected = [bos] + _ids(tok, "3 加 4 等于多少？") + [eos] + _ids(tok, "等于 7。") + [eos] + _ids(tok, "再加 2 呢？") + [eos]
+    assert ids == expected and kept == 1
+    # the same ids tokenize_conversation gives a training example, before the answer
+    full = tokenize_conversation(tok, history + [{"human": "再加 2 呢？", "assistant": "等于 9。"}])["input_ids"]
+    assert full[:len(ids)] == ids
+
+
+def test_prompt_drops_oldest_turns_first_and_rejects_a_message_too_long(loaded):
+    _, tok = loaded
+    history = [{"human": f"question {i}", "assistant": f"answer {i}"} for i in range(5)]
+    full, kept = conversation_prompt_ids(tok, history, "last")
+    assert kept == 5
+    ids, kept = conversation_prompt_ids(tok, history, "last", max_prompt_tokens=len(full) - 1)
+    assert kept == 4 and ids == conversation_prompt_ids(tok, history[1:], "last")[0]
+    with pytest.raises(ValueError, match="the message alone is"):
+        conversation_prompt_ids(tok, [], "a long message " * 20, max_prompt_tokens=5)
+    with pytest.raises(ValueError, match="non-empty"):
+        conversation_prompt_ids(tok, [], "   ")
+
+
+def test_greedy_reply_equals_generate_and_streams_the_same_text(loaded):
+    model, tok = loaded
+    session = ChatSession(model, tok, max_new_tokens=12, do_sample=False)
+    pieces = []
+    answer = session.reply("What is 3 plus 4?", on_token=pieces.append)
+    prompt = conversation_prompt_ids(tok, [], "What is 3 plus 4?")[0]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, repetition_penalty=1.1,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # ChatSession's default
+    reference = tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+    assert answer == reference
+    assert "".join(pieces).strip() == answer
+    assert session.history == [{"human": "What is 3 plus 4?", "assistant": answer}]
+    assert session.last.prompt_tokens == len(prompt) and 1 <= session.last.completion_tokens <= 12
+    assert session.last.finish_reason in ("stop", "length")
+
+
+def test_history_is_sent_with_the_next_message_and_reset_forgets_it(loaded):
+    model, tok = loaded
+    session = ChatSession(model, tok, max_new_tokens=4, do_sample=False)
+    first = session.reply("What is 3 plus 4?")
+    assert session.prompt_ids("And 2 more?") == conversation_prompt_ids(
+        tok, [{"human": "What is 3 plus 4?", "assistant": first}], "And 2 more?")[0]
+    session.reply("And 2 more?")
+    assert [t["human"] for t in session.history] == ["What is 3 plus 4?", "And 2 more?"]
+    session.reset()
+    assert session.history == [] and session.prompt_ids("hi") == conversation_prompt_ids(tok, [], "hi")[0]
+
+
+def test_sampling_is_reproducible_with_a_seed(loaded):
+    model, tok = loaded
+    replies = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        replies.append(ChatSession(model, tok, max_new_tokens=10, temperature=1.0).reply("Hello"))
+    assert replies[0] == replies[1]
+
+
+def test_closing_the_stream_stops_generation(loaded):
+    model, tok = loaded
+    generation = Generation(prompt_tokens=0)
+    ids = conversation_prompt_ids(tok, [], "Tell me a story")[0]
+    # min_new_tokens forbids </s>, so only the cancel can stop it before 1000 tokens
+    stream = stream_generate(model, tok, ids, max_new_tokens=1000, min_new_tokens=1000, generation=generation)
+    next(stream)
+    stream.close()
+    assert generation.finish_reason == "cancelled" and generation.completion_tokens < 1000
+
+
+def test_bad_settings_are_refused(loaded):
+    model, tok = loaded
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ChatSession(model, tok, max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        ChatSession(model, tok, temperature=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(stream_generate(model, tok, [0], max_new_tokens=0))
+
+
+def test_widget_keeps_the_history(loaded):
+    model, tok = loaded
+    session = ChatSession(model, tok, max_new_tokens=4, do_sample=False)
+    box = chat_widget(session)
+    display, (text, send, reset) = box.children[0], box.children[1].children
+    text.value = "What is 3 plus 4?"
+    send.click()
+    assert text.value == "" and len(session.history) == 1
+    assert "What is 3 plus 4?" in display.value and "▌" not in display.value
+    text.value = "   "
+    send.click()  # an empty message is ignored
+    assert len(session.history) == 1
+    reset.click()
+    assert session.history == [] and "no messages yet" in display.value
+
+
+def test_adapter_loads_kept_separate_or_merged_with_the_same_logits(loaded, adapter_dir, tmp_path):
+    base, tok = loaded
+    separate, _ = load_for_inference(MODEL, adapter_dir, verbose=False)
+    merged, _ = load_for_inference(MODEL, adapter_dir, merge=True, verbose=False)
+    ids = torch.tensor([conversation_prompt_ids(tok, [], "What is 3 plus 4?")[0]])
+    assert max_logit_difference(base, separate, ids) > 1e-2  # the adapter changes the model
+    assert max_logit_difference(separate, merged, ids) < 1e-4  # merging does not
+    files = merge_and_save(MODEL, adapter_dir, tmp_path / "merged", max_shard_size="5MB")
+    names = {f.name for f in files}
+    assert "model.safetensors.index.json" in names and "tokenizer.json" in names
+    assert sum(name.startswith("model-") and name.endswith(".safetensors") for name in names) >= 2
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert max_logit_difference(separate, reloaded, ids) < 1e-4
+
+
+def test_export_refuses_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_for_inference(MODEL, tmp_path, verbose=False)
+    with pytest.raises(ValueError, match="re-quantize"):
+        load_for_inference(MODEL, tmp_path, quantization="nf4", merge=True, verbose=False)
+
+
+def _run_chat(args, stdin, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "helpers.chat", "--model", MODEL, *args], input=stdin, capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=env, timeout=timeout)
+
+
+def test_command_line_chat_through_standard_input(adapter_dir):
+    done = _run_chat(["--adapter", str(adapter_dir), "--greedy", "--max-new-tokens", "6"],
+                     "What is 3 plus 4?\nAnd 2 more?\n/history\n/reset\n/history\n/nonsense\n/exit\nnot read\n")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    replies = [line.removeprefix("Model: ") for line in lines if line.startswith("Model: ")]
+    assert len(replies) == 2
+    # the same two turns in-process give the same greedy replies
+    model, tok = load_for_inference(MODEL, adapter_dir, verbose=False)
+    session = ChatSession(model, tok, max_new_tokens=6, do_sample=False)
+    assert [session.reply("What is 3 plus 4?"), session.reply("And 2 more?")] == [r.strip() for r in replies]
+    assert "[2 turns]" in lines and "[history cleared]" in lines and "[0 turns]" in lines
+    assert any(line.startswith("[unknown command /nonsense") for line in lines)
+    assert lines[-1] == "[bye]" and "not read" not in done.stdout
+    assert "Loaded" in done.stderr and "Loaded" not in done.stdout  # loading messages stay off the chat
+
+
+def test_command_line_chat_ends_at_end_of_input_and_reports_a_bad_adapter(tmp_path, monkeypatch, capsys):
+    from helpers.chat import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))  # in-process: the same main() as above
+    assert main(["--model", MODEL, "--greedy", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "[bye]" and sum(line.startswith("Model: ") for line in out) == 1
+    assert main(["--model", MODEL, "--adapter", str(tmp_path)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
