@@ -27,6 +27,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, bat
 
     if isinstance(prompts, str):
         raise TypeError("generate takes a list of prompts; wrap a single prompt in a list")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     generate_kwargs.setdefault("do_sample", False)
@@ -63,6 +65,8 @@ def normalize_answer(text: str) -> str:
 
 def choice_accuracy(predictions: list[str], targets: list[str]) -> float:
     """Share of predictions equal to their target after `normalize_answer` (exact match), in percent."""
+    if isinstance(predictions, str) or isinstance(targets, str):
+        raise TypeError("choice_accuracy takes two lists of strings (predictions, targets), not single strings")
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
     if not targets:

@@ -419,3 +419,17 @@ def test_fuzzed_data_files_are_rejected_with_file_and_line_or_load_cleanly(tmp_p
             features = tokenize_dataset(rows, tokenizer, fmt, **TOKENIZE[fmt])
             assert all(any(label != -100 for label in row) for row in features["labels"]), case
     assert outcomes["accepted"] >= 10 and outcomes["rejected"] >= 40, outcomes
+
+
+def test_generate_rejects_a_batch_size_below_one():
+    from helpers.evaluate import generate
+
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        generate(None, None, ["问："], batch_size=0)
+
+
+def test_choice_accuracy_rejects_single_strings():
+    from helpers.evaluate import choice_accuracy
+
+    with pytest.raises(TypeError, match="two lists of strings"):
+        choice_accuracy("年龄", "年龄")
