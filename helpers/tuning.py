@@ -49,6 +49,8 @@ def prepare_model(model, method: str, *, lora_r: int = 8, lora_alpha: int = 16, 
                             target_modules=targets)
         return get_peft_model(model, config)
     if method == "ptuning-v2":
+        if not isinstance(pre_seq_len, int) or pre_seq_len < 1:
+            raise ValueError(f"pre_seq_len (virtual tokens per layer) must be a positive integer, got {pre_seq_len!r}")
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=pre_seq_len,
                                     prefix_projection=prefix_projection,
                                     encoder_hidden_size=prefix_hidden_size or model.config.hidden_size)
@@ -128,7 +130,7 @@ def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAUL
              seed: int = 42, logging_steps: int = 5, save_steps: int | None = None, save_total_limit: int | None = 2,
              resume_from_checkpoint=None, optim: str = "adamw_torch", gradient_checkpointing: bool = False,
              group_by_length: bool = False, model=None, tokenizer=None, quiet: bool = True,
-             **method_kwargs) -> FinetuneResult:
+             max_grad_norm: float = 1.0, **method_kwargs) -> FinetuneResult:
     """Fine-tune with `method` on a tokenized dataset (input_ids, attention_mask, labels) via the 🤗 Trainer.
 
     Pass `model` to train one you already prepared; otherwise the base model is loaded (4-bit NF4 with
@@ -172,8 +174,19 @@ def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAUL
         # `group_by_length=True` by this sampler choice, and always saves weights as safetensors
         # (the old `save_safetensors` flag is gone).
         train_sampling_strategy="group_by_length" if group_by_length else "random",
-        remove_unused_columns=False, disable_tqdm=quiet, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=counting_collate)
+        remove_unused_columns=False, disable_tqdm=quiet, dataloader_num_workers=0,
+        max_grad_norm=max_grad_norm)  # the QLoRA paper clips at 0.3 (notebooks/02_qlora.ipynb)
+    # Saved checkpoints get a completion marker, so a run killed mid-save never resumes from a
+    # half-written folder; `resume_from_checkpoint=True` means the latest *complete* one.
+    from .checkpoints import CompleteCheckpointCallback, latest_complete_checkpoint
+
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint = latest_complete_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise ValueError(f"resume_from_checkpoint=True but {output_dir} holds no complete checkpoint")
+        resume_from_checkpoint = str(resume_from_checkpoint)
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=counting_collate,
+                      callbacks=[CompleteCheckpointCallback()] if save_steps else None)
     if quiet:  # without a progress bar the Trainer prints every log dictionary; quiet means no wall of logs
         from transformers import PrinterCallback
 

@@ -433,3 +433,11 @@ def test_choice_accuracy_rejects_single_strings():
 
     with pytest.raises(TypeError, match="two lists of strings"):
         choice_accuracy("年龄", "年龄")
+
+
+def test_ptuning_needs_at_least_one_virtual_token():
+    from helpers.models import load_model
+    from helpers.tuning import prepare_model
+
+    with pytest.raises(ValueError, match="pre_seq_len"):
+        prepare_model(load_model(verbose=False), "ptuning-v2", pre_seq_len=0)

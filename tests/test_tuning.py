@@ -108,6 +108,31 @@ def test_finetune_runs_on_transformers_5_with_group_by_length(tiny_model_dir, tm
     assert result.tokens_per_second > 0 and result.seconds_per_step > 0
 
 
+def test_finetune_marks_checkpoints_and_resumes_from_the_latest_complete_one(tiny_model_dir, tmp_path):
+    from helpers.checkpoints import complete_checkpoints
+    from helpers.data import load_dataset
+    from helpers.models import load_tokenizer
+    from helpers.prompts import tokenize_dataset
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = tokenize_dataset(load_dataset("promptcblue_ctc", split="train").select(range(16)), tokenizer,
+                            "promptcblue", 1000, 16)
+    run = dict(output_dir=tmp_path / "run", model_name=tiny_model_dir, batch_size=4, logging_steps=1,
+               save_steps=2, max_grad_norm=0.3)
+    first = tuning.finetune("lora", data, max_steps=4, **run)
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-2", "checkpoint-4"]
+    # As if killed while writing checkpoint-4: no marker, no optimizer state. Resuming from it would crash.
+    (tmp_path / "run" / "checkpoint-4" / "checkpoint_complete.json").unlink()
+    (tmp_path / "run" / "checkpoint-4" / "optimizer.pt").unlink()
+    resumed = tuning.finetune("lora", data, max_steps=4, resume_from_checkpoint=True, **run)
+    assert resumed.steps == 4
+    assert resumed.losses == pytest.approx(first.losses, abs=1e-6)  # steps 3-4 retrained from checkpoint-2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        tuning.finetune("lora", data, max_steps=4, resume_from_checkpoint=True,
+                        **dict(run, output_dir=tmp_path / "empty"))
+
+
 def test_finetune_rejects_untokenized_data(tmp_path):
     from helpers.data import load_dataset
 
