@@ -63,14 +63,23 @@ def normalize_answer(text: str) -> str:
     return _PUNCTUATION.sub("", unicodedata.normalize("NFKC", first_line)).lower()
 
 
+def check_pairs(predictions, references, references_name: str = "targets") -> None:
+    """Reject what no score can be computed from: single strings, unequal lengths, nothing to score.
+
+    Shared by every scorer of the course (`choice_accuracy` here, BLEU/ROUGE in helpers.metrics).
+    Taught in notebooks/01_lora_basics.ipynb.
+    """
+    if isinstance(predictions, str) or isinstance(references, str):
+        raise TypeError(f"scores take two lists of strings (predictions, {references_name}), not single strings")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} {references_name}")
+    if not references:
+        raise ValueError("no examples to score")
+
+
 def choice_accuracy(predictions: list[str], targets: list[str]) -> float:
     """Share of predictions equal to their target after `normalize_answer` (exact match), in percent."""
-    if isinstance(predictions, str) or isinstance(targets, str):
-        raise TypeError("choice_accuracy takes two lists of strings (predictions, targets), not single strings")
-    if len(predictions) != len(targets):
-        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
-    if not targets:
-        raise ValueError("no examples to score")
+    check_pairs(predictions, targets)
     hits = sum(normalize_answer(p) == normalize_answer(t) for p, t in zip(predictions, targets))
     return 100.0 * hits / len(targets)
 

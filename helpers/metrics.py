@@ -20,6 +20,8 @@ import logging
 import re
 from collections.abc import Sequence
 
+from .evaluate import check_pairs
+
 LANGS = ("zh", "en")
 UNITS = ("char", "jieba", "word", "space")
 METRIC_NAMES = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
@@ -162,9 +164,4 @@ def _check_text(text, what: str) -> None:
 
 
 def _check_pairs(predictions, references) -> None:
-    if isinstance(predictions, str) or isinstance(references, str):
-        raise TypeError("predictions and references must be lists of strings, not one string")
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        raise ValueError("no examples to score")
+    check_pairs(predictions, references, "references")
