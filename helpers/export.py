@@ -47,7 +47,10 @@ def load_for_inference(model_name: str, adapter: str | Path | None = None, *, qu
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(_check_adapter(adapter)), is_trainable=False)
+        from .tuning import repair_prefix_generation
+
+        model = repair_prefix_generation(PeftModel.from_pretrained(model, str(_check_adapter(adapter)),
+                                                                   is_trainable=False))
         if merge:
             model = model.merge_and_unload()
         if verbose:

@@ -54,7 +54,7 @@ def prepare_model(model, method: str, *, lora_r: int = 8, lora_alpha: int = 16, 
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=pre_seq_len,
                                     prefix_projection=prefix_projection,
                                     encoder_hidden_size=prefix_hidden_size or model.config.hidden_size)
-        return get_peft_model(model, config)
+        return repair_prefix_generation(get_peft_model(model, config))
     if method == "freeze":
         # ChatGLM Efficient Tuning's Freeze: only the MLPs of the last N transformer layers learn.
         n_layers = model.config.num_hidden_layers
@@ -70,6 +70,39 @@ def prepare_model(model, method: str, *, lora_r: int = 8, lora_alpha: int = 16, 
         return model
     for param in model.parameters():  # full
         param.requires_grad = True
+    return model
+
+
+def repair_prefix_generation(model):
+    """Make `generate` see a prefix-tuned (P-Tuning v2) model's prefix; returns the same model.
+
+    peft 0.21 hands the prefix to the model as `past_key_values`. transformers 5.23 renamed that argument
+    `cache` and, given both, keeps `cache`, which `generate` always passes (empty at the first step): the
+    prefix is dropped without an error and the model answers as if it had never been tuned, while
+    training, which goes through `forward`, is unaffected. This moves the prefix into `cache` at the
+    first step and drops peft's fresh copy at the later ones. Other models are returned untouched, and
+    so is everything once peft passes the prefix as `cache` itself. Notebook 03 checks that `generate`
+    scores the first new token exactly as `forward` does.
+    Taught in notebooks/03_ptuning_and_methods.ipynb.
+    """
+    from peft import PeftModel, PeftType
+
+    if not isinstance(model, PeftModel) or getattr(model, "_prefix_generation_repaired", False):
+        return model
+    if model.active_peft_config.peft_type != PeftType.PREFIX_TUNING:
+        return model
+    prepare = model.prepare_inputs_for_generation
+
+    def prepare_inputs_for_generation(*args, **kwargs):
+        inputs = prepare(*args, **kwargs)
+        if "cache" in inputs and "past_key_values" in inputs:
+            prefix, cache = inputs.pop("past_key_values"), inputs["cache"]
+            if prefix is not None and (cache is None or cache.get_seq_length() == 0):
+                inputs["cache"] = prefix
+        return inputs
+
+    model.prepare_inputs_for_generation = prepare_inputs_for_generation
+    model._prefix_generation_repaired = True
     return model
 
 
@@ -376,7 +409,7 @@ def load_cached_run(folder, *, verbose: bool = False):
         from peft import PeftModel
 
         base = load_model(model_name, quantization="nf4" if method == "qlora" else None, verbose=verbose)
-        model = PeftModel.from_pretrained(base, str(folder / "model"))
+        model = repair_prefix_generation(PeftModel.from_pretrained(base, str(folder / "model")))
     else:
         model = load_model(str(folder / "model"), verbose=verbose)
     model.eval()
