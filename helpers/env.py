@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-OUTPUT_ROOT = REPO_ROOT / "outputs"
+# Everything the notebooks write. COURSE_OUTPUTS moves it (the robustness sweep gives each run its own).
+OUTPUT_ROOT = Path(os.environ.get("COURSE_OUTPUTS") or REPO_ROOT / "outputs")
 
 _TRUE = {"1", "true", "yes", "on"}
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "accelerate", "deepspeed")
@@ -29,6 +30,21 @@ def smoke() -> bool:
     if value is None:
         value = os.environ.get("CI", "")
     return value.strip().lower() in _TRUE
+
+
+def course_seed(default: int = 42) -> int:
+    """The seed a notebook trains with: `default`, unless `COURSE_SEED` says otherwise.
+
+    The robustness sweep (`python -m benchmarks.robustness`) reruns the notebooks with other seeds to
+    measure how much a result moves; a learner can do the same. Taught in notebooks/01_lora_basics.ipynb.
+    """
+    value = os.environ.get("COURSE_SEED", "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"COURSE_SEED must be an integer, got {value!r}") from None
 
 
 def offline() -> bool:
