@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# jupyter refuses to start as root (Docker, cloud notebooks) without --allow-root: pass it to root only.
+# Either way the server listens on this machine only and keeps its login token.
+LAB_UID ?= $(shell id -u)
+LAB_FLAGS = --ip=127.0.0.1 $(if $(filter 0,$(LAB_UID)),--allow-root)
+
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
 # Offline on purpose: the test run must never reach the Hub (the stand-in model serves).
 test: install

@@ -1,6 +1,12 @@
-"""environment.yml and pyproject.toml must name the same packages with the same ranges."""
+"""environment.yml and pyproject.toml must name the same packages with the same ranges; `make lab` starts safely."""
+import os
 import re
+import shlex
+import shutil
+import subprocess
 import tomllib
+
+import pytest
 
 from helpers.env import REPO_ROOT
 
@@ -48,3 +54,21 @@ def test_makefile_installs_the_same_torch_and_ci_runs_make_test():
     assert "make test" in ci
     readme = (REPO_ROOT / "README.md").read_text()
     assert "make test" in readme and "make lab" in readme
+
+
+def _lab_command(*make_arguments: str) -> list[str]:
+    """The `jupyter lab` command `make lab` would run, printed by `make -n` (nothing is installed or started)."""
+    dry = subprocess.run(["make", "-n", "-s", "lab", *make_arguments], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True)
+    [line] = [line for line in dry.stdout.splitlines() if "jupyter lab" in line]
+    return shlex.split(line)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("uid", [0, 1000, None], ids=["root", "user", "whoever-runs-the-test"])
+def test_make_lab_allows_root_only_as_root_on_localhost_with_a_token(uid):
+    command = _lab_command(*([f"LAB_UID={uid}"] if uid is not None else []))
+    root = (os.getuid() if uid is None else uid) == 0
+    assert ("--allow-root" in command) is root, command
+    assert "--ip=127.0.0.1" in command, command
+    assert not [flag for flag in command if re.search(r"token|password|--ip=(?!127\.0\.0\.1$)", flag)], command
