@@ -10,10 +10,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install lab test standin data clean-outputs
 
+# The course with all its optional parts (pyproject.toml): JupyterLab, the test tools, DeepSpeed.
+# Colab's setup cells install fewer: see README.md.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q $(TORCH)
-	$(VENV)/bin/python -m pip install -q -e .
+	$(VENV)/bin/python -m pip install -q -e ".[lab,test,deepspeed]"
 	touch $(STAMP)
 
 install: $(STAMP)

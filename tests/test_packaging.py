@@ -1,4 +1,4 @@
-"""environment.yml and pyproject.toml must name the same packages with the same ranges; `make lab` starts safely."""
+"""environment.yml, the Makefile and pyproject.toml install the same packages; `make lab` starts safely."""
 import os
 import re
 import shlex
@@ -10,14 +10,18 @@ import pytest
 
 from helpers.env import REPO_ROOT
 
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+EXTRAS = sorted(PYPROJECT["optional-dependencies"])
+
 
 def _name(requirement: str) -> str:
     return re.split(r"[<>=!~\s\[]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
 def _pyproject() -> dict[str, str]:
-    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    return {_name(r): r.replace(" ", "") for r in data["project"]["dependencies"]}
+    """Every requirement, the optional parts included (make and environment.yml install them all)."""
+    requirements = PYPROJECT["dependencies"] + [r for part in EXTRAS for r in PYPROJECT["optional-dependencies"][part]]
+    return {_name(r): r.replace(" ", "") for r in requirements}
 
 
 def _environment_yml() -> dict[str, str]:
@@ -54,6 +58,12 @@ def test_makefile_installs_the_same_torch_and_ci_runs_make_test():
     assert "make test" in ci
     readme = (REPO_ROOT / "README.md").read_text()
     assert "make test" in readme and "make lab" in readme
+
+
+def test_makefile_and_environment_yml_install_every_optional_part():
+    makefile = re.findall(r'pip install -q -e "\.\[([\w,]+)\]"', (REPO_ROOT / "Makefile").read_text())
+    conda = re.findall(r"- -e \.\[([\w,]+)\]", (REPO_ROOT / "environment.yml").read_text())
+    assert [sorted(parts.split(",")) for parts in makefile + conda] == [EXTRAS, EXTRAS], (makefile, conda)
 
 
 def _lab_command(*make_arguments: str) -> list[str]:
