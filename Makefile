@@ -10,16 +10,23 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install lab test standin data clean-outputs
 
+# The course with all its optional parts (pyproject.toml): JupyterLab, the test tools, DeepSpeed.
+# Colab's setup cells install fewer: see README.md.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q $(TORCH)
-	$(VENV)/bin/python -m pip install -q -e .
+	$(VENV)/bin/python -m pip install -q -e ".[lab,test,deepspeed]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# jupyter refuses to start as root (Docker, cloud notebooks) without --allow-root: pass it to root only.
+# Either way the server listens on this machine only and keeps its login token.
+LAB_UID ?= $(shell id -u)
+LAB_FLAGS = --ip=127.0.0.1 $(if $(filter 0,$(LAB_UID)),--allow-root)
+
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
 # Offline on purpose: the test run must never reach the Hub (the stand-in model serves).
 test: install

@@ -131,12 +131,13 @@ def main(argv=None) -> int:
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
+    from helpers.env import bf16_supported
     from helpers.memory import KNOWN_CONFIGS, estimate_memory, lora_parameters
 
     cuda = not args.dry_run_cpu
     device = torch.device("cuda" if cuda else "cpu")
     facts = dict(KNOWN_CONFIGS[MODEL]) if cuda else dict(KNOWN_CONFIGS[MODEL], **TINY)
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = cuda and bf16_supported()  # compute capability >= 8.0; T4/V100 train in fp16 with a GradScaler
     dtype = (torch.bfloat16 if bf16 else torch.float16) if cuda else torch.float32
     compute = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     checkpointing = not args.no_gradient_checkpointing

@@ -95,6 +95,28 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def bf16_supported(device=None) -> bool:
+    """Whether `device` (default: the GPU if there is one, else the CPU) should compute in bf16.
+
+    On a CUDA GPU: only with compute capability 8.0 or newer (A100, A10, L4, RTX 30/40, H100), where
+    bf16 is native. `torch.cuda.is_bf16_supported()` also says True on a T4 (7.5), where bf16 is only
+    emulated and slow; older GPUs (T4, V100) train in fp16 with loss scaling instead. On a CPU: True,
+    because PyTorch computes bf16 on any CPU (natively where AVX512-BF16 exists, emulated elsewhere).
+    Its answer is the bf16 line of `environment_report()` (notebooks/00_setup_and_tour.ipynb); notebook 05
+    trains in bf16 with it, and notebooks/02_qlora.ipynb explains the fp16 alternative.
+    """
+    import torch
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        raise ValueError(f"the course knows 'cpu' and 'cuda' devices, got {device.type!r}")
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def environment_report(show: bool = True) -> dict[str, str]:
     """Collect (and print) where this notebook runs: platform, device, bf16, 4-bit, hub, versions.
 
@@ -105,15 +127,13 @@ def environment_report(show: bool = True) -> dict[str, str]:
 
     if torch.cuda.is_available():
         device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
-        bf16 = torch.cuda.is_bf16_supported()
     else:
         device = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-        bf16 = True  # PyTorch computes bf16 on any CPU, natively where AVX512-BF16 exists
     ok4, why4 = bitsandbytes_4bit_status()
     report = {
         "platform": f"{where()} / {platform.system()} {platform.machine()}",
         "device": device,
-        "bf16": "yes" if bf16 else "no (use fp16 on this GPU)",
+        "bf16": "yes" if bf16_supported() else "no (use fp16 with loss scaling on this GPU)",
         "bitsandbytes 4-bit": "usable" if ok4 else f"not usable: {why4}",
         "hub": "offline (HF_HUB_OFFLINE=1)" if offline() else "online if reachable",
         "smoke run": "yes (test size)" if smoke() else "no (learner size)",

@@ -9,6 +9,8 @@ Taught in notebooks/02_qlora.ipynb (NF4, double quantization, the fp16 pitfall o
 """
 from __future__ import annotations
 
+from .env import bf16_supported
+
 WEIGHT_PARTS = ("quantized values", "quantization constants", "other parameters")
 
 
@@ -80,9 +82,4 @@ def preferred_compute_dtype(device=None):
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         return torch.float32
-    if device.type != "cuda":
-        raise ValueError(f"preferred_compute_dtype knows 'cpu' and 'cuda' devices, got {device.type!r}")
-    if not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.bfloat16 if bf16_supported(device) else torch.float16  # raises for other devices, or no GPU

@@ -1,6 +1,10 @@
-"""Notebook hygiene: stripped outputs, a lesson per notebook, the README table, badges and local links."""
+"""Notebook hygiene: stripped outputs, a lesson per notebook, the README table, badges, local links, the Colab setup."""
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from urllib.parse import unquote
@@ -10,7 +14,14 @@ import pytest
 from helpers.env import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-REPOSITORY = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+NOTEBOOKS_BY_NAME = {path.name: path for path in NOTEBOOKS}
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+REPOSITORY = PYPROJECT["urls"]["Repository"]
+# What each notebook's setup cell installs on Colab beyond the course itself (pyproject's optional parts).
+COLAB_EXTRAS = {"04_deepspeed_zero.ipynb": "[deepspeed]"}
+# Notebooks whose full-size run needs a GPU (README's table): Colab opens them on a GPU runtime. T4 is the GPU
+# every Colab user can get; the notebook names the larger GPU its full-size recipe wants.
+COLAB_GPU = {"02_qlora.ipynb"}
 DOCUMENTS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "lessons").glob("*.md")), REPO_ROOT / "CONTRIBUTING.md",
              REPO_ROOT / "data" / "README.md"]
 
@@ -23,11 +34,55 @@ def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 2
 
 
+def _as_git_holds_it(path: Path) -> str:
+    """The file as git holds it (the index: what is committed or staged), else as it is on disk.
+
+    A learner's JupyterLab saves outputs into the working copy; those are not the course's, so they must not
+    fail `make test`. Outside a git checkout (a downloaded zip), or for a file git does not track yet, the
+    file on disk is all there is.
+    """
+    if shutil.which("git"):
+        shown = subprocess.run(["git", "show", f":./{path.name}"], cwd=path.parent, capture_output=True)
+        if shown.returncode == 0:
+            return shown.stdout.decode("utf-8")
+    return path.read_text(encoding="utf-8")
+
+
+def _unstripped_cells(notebook_text: str) -> list[int]:
+    cells = json.loads(notebook_text)["cells"]
+    return [i for i, cell in enumerate(cells)
+            if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_stripped(path):
-    for i, cell in enumerate(_cells(path)):
-        if cell["cell_type"] == "code":
-            assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} cell {i} has outputs"
+    unstripped = _unstripped_cells(_as_git_holds_it(path))
+    assert not unstripped, f"{path.name}: cells {unstripped} are committed or staged with outputs or execution counts"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_stripped_check_reads_what_git_holds_not_a_learners_saved_outputs(tmp_path):
+    notebook = {"cells": [{"cell_type": "markdown", "id": "a", "metadata": {}, "source": ["# 00"]},
+                          {"cell_type": "code", "execution_count": None, "id": "b", "metadata": {}, "outputs": [],
+                           "source": ["print('hi')"]}],
+                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    stripped = json.dumps(notebook, indent=1) + "\n"
+    output = {"name": "stdout", "output_type": "stream", "text": ["hi"]}
+    notebook["cells"][1] |= {"execution_count": 1, "outputs": [output]}
+    run = json.dumps(notebook, indent=1) + "\n"
+
+    checkout, download = tmp_path / "checkout", tmp_path / "download"
+    for folder in (checkout, download):
+        folder.mkdir()
+        (folder / "00.ipynb").write_text(stripped, encoding="utf-8")
+    subprocess.run(["git", "init", "-q"], cwd=checkout, check=True)
+    subprocess.run(["git", "add", "00.ipynb"], cwd=checkout, check=True)
+    (checkout / "00.ipynb").write_text(run, encoding="utf-8")  # the learner ran the notebook and it autosaved
+    assert _unstripped_cells(_as_git_holds_it(checkout / "00.ipynb")) == []
+    subprocess.run(["git", "add", "00.ipynb"], cwd=checkout, check=True)  # ... and staged the run: that must fail
+    assert _unstripped_cells(_as_git_holds_it(checkout / "00.ipynb")) == [1]
+    (download / "00.ipynb").write_text(run, encoding="utf-8")  # no git: the file on disk is checked
+    assert _unstripped_cells(_as_git_holds_it(download / "00.ipynb")) == [1]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -41,7 +96,7 @@ def test_notebook_has_its_lesson_and_badge(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_repository_urls_in_notebooks_come_from_pyproject(path):
-    text = path.read_text()
+    text = _as_git_holds_it(path)  # not a learner's saved outputs
     for url in re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", text):
         assert url.removesuffix(".git") == REPOSITORY, f"{path.name} names {url}, pyproject says {REPOSITORY}"
 
@@ -67,3 +122,92 @@ def test_local_links_resolve(path):
         text = path.read_text()
     broken = [t for t in _local_links(text) if t and not (path.parent / t).exists()]
     assert not broken, f"{path.relative_to(REPO_ROOT)} links to missing {broken}"
+
+
+# --- The Colab setup cell (cell 1 of every notebook) ----------------------------------------------------------
+
+def _setup_cell(path) -> str:
+    return "".join(_cells(path)[1]["source"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_setup_cell_is_one_cell_with_the_repository_of_pyproject(path):
+    cell, first = _setup_cell(path), _setup_cell(NOTEBOOKS[0])
+    extras = COLAB_EXTRAS.get(path.name, "")
+    assert re.search(rf'^EXTRAS = "{re.escape(extras)}"  #', cell, re.M), f"{path.name} must install {extras!r}"
+    assert re.sub(r'^EXTRAS = "[^"]*"', "", cell, flags=re.M) == re.sub(r'^EXTRAS = "[^"]*"', "", first, flags=re.M)
+    assert f'os.environ.get("COURSE_REPO_URL", "{REPOSITORY}")' in cell, f"{path.name}: clone {REPOSITORY}"
+    assert not re.search(r"^\s*[!%]", cell, re.M), f"{path.name}: shell magics hide failures; use subprocess"
+
+
+def test_setup_cell_extras_are_optional_parts_of_pyproject():
+    assert {extras.strip("[]") for extras in COLAB_EXTRAS.values()} <= set(PYPROJECT["optional-dependencies"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_colab_asks_for_a_gpu_where_the_full_size_run_needs_one(path):
+    metadata = json.loads(path.read_text())["metadata"]
+    if path.name in COLAB_GPU:
+        assert metadata.get("accelerator") == "GPU" and metadata.get("colab", {}).get("gpuType") == "T4", metadata
+    else:
+        assert "accelerator" not in metadata and "gpuType" not in metadata.get("colab", {}), metadata
+
+
+def _run_setup_cell(path, tmp_path, python, before="", after="", **environment) -> subprocess.CompletedProcess:
+    """Run a notebook's setup cell as Colab would (forced), cloning this repository's committed HEAD.
+
+    `before` and `after` are code run in the same process, as cells of the same kernel would be.
+    """
+    script = tmp_path / "setup_cell.py"
+    script.write_text(f"{before}\n{_setup_cell(path)}\n{after}\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
+    env |= {"COURSE_FORCE_COLAB": "1", "COURSE_REPO_URL": str(REPO_ROOT), "COURSE_DIR": str(tmp_path / "course"),
+            **environment}
+    return subprocess.run([str(python), str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _is_git_checkout() -> bool:
+    return shutil.which("git") is not None and subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _is_git_checkout(), reason="clones this repository's HEAD: needs a git checkout")
+def test_setup_cell_installs_the_course_on_colab_and_leaves_torch_alone(tmp_path):
+    import torch
+
+    # A fresh environment that sees this one's packages, as Colab comes with torch & co. preinstalled. (A venv made
+    # with --system-site-packages sees the base interpreter's packages, not those of the venv running the tests.)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = [path for path in sys.path if Path(path).name in ("site-packages", "dist-packages")]
+    (Path(site) / "colab-preinstalled.pth").write_text("".join(f"{path}\n" for path in ours))
+    before = [sorted(os.listdir(path)) for path in ours]
+
+    # Offline: every requirement is already there, and the course builds with the setuptools already installed.
+    # (pip reads PIP_NO_BUILD_ISOLATION=0 as --no-build-isolation.)
+    # torch imported first, so that a cell which changed it would have to say "RESTART NEEDED".
+    done = _run_setup_cell(NOTEBOOKS_BY_NAME["04_deepspeed_zero.ipynb"], tmp_path, python, before="import torch",
+                           after="import helpers, os; print('next cell:', helpers.__file__, os.getcwd())",
+                           PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no restart needed" in done.stdout, done.stdout
+    assert f"next cell: {tmp_path / 'course' / 'helpers' / '__init__.py'} {tmp_path / 'course' / 'notebooks'}" \
+        in done.stdout, done.stdout  # the notebook's next cells import the clone's helpers, from its notebooks/
+
+    probe = "import helpers, torch; print(helpers.__file__); print(torch.__version__); print(torch.__file__)"
+    found = subprocess.run([str(python), "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    helpers_file, version, torch_file = found.stdout.split()
+    assert Path(helpers_file).is_relative_to(tmp_path / "course"), helpers_file  # the clone, installed editable
+    assert (version, torch_file) == (torch.__version__, torch.__file__)  # Colab's torch, untouched
+    assert [sorted(os.listdir(path)) for path in ours] == before  # nothing changed where the tests run
+
+
+def test_setup_cell_stops_with_a_fix_when_the_clone_fails(tmp_path):
+    done = _run_setup_cell(NOTEBOOKS[0], tmp_path, sys.executable, COURSE_REPO_URL=str(tmp_path / "no-such-repo"))
+    assert done.returncode != 0
+    assert "RuntimeError: Cloning the course failed" in done.stderr and "Fix: check the address" in done.stderr
+    assert not (tmp_path / "course").exists()

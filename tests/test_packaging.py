@@ -1,8 +1,17 @@
-"""environment.yml and pyproject.toml must name the same packages with the same ranges."""
+"""environment.yml, the Makefile and pyproject.toml install the same packages; `make lab` starts safely."""
+import os
 import re
+import shlex
+import shutil
+import subprocess
 import tomllib
 
+import pytest
+
 from helpers.env import REPO_ROOT
+
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+EXTRAS = sorted(PYPROJECT["optional-dependencies"])
 
 
 def _name(requirement: str) -> str:
@@ -10,8 +19,9 @@ def _name(requirement: str) -> str:
 
 
 def _pyproject() -> dict[str, str]:
-    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    return {_name(r): r.replace(" ", "") for r in data["project"]["dependencies"]}
+    """Every requirement, the optional parts included (make and environment.yml install them all)."""
+    requirements = PYPROJECT["dependencies"] + [r for part in EXTRAS for r in PYPROJECT["optional-dependencies"][part]]
+    return {_name(r): r.replace(" ", "") for r in requirements}
 
 
 def _environment_yml() -> dict[str, str]:
@@ -48,3 +58,27 @@ def test_makefile_installs_the_same_torch_and_ci_runs_make_test():
     assert "make test" in ci
     readme = (REPO_ROOT / "README.md").read_text()
     assert "make test" in readme and "make lab" in readme
+
+
+def test_makefile_and_environment_yml_install_every_optional_part():
+    makefile = re.findall(r'pip install -q -e "\.\[([\w,]+)\]"', (REPO_ROOT / "Makefile").read_text())
+    conda = re.findall(r"- -e \.\[([\w,]+)\]", (REPO_ROOT / "environment.yml").read_text())
+    assert [sorted(parts.split(",")) for parts in makefile + conda] == [EXTRAS, EXTRAS], (makefile, conda)
+
+
+def _lab_command(*make_arguments: str) -> list[str]:
+    """The `jupyter lab` command `make lab` would run, printed by `make -n` (nothing is installed or started)."""
+    dry = subprocess.run(["make", "-n", "-s", "lab", *make_arguments], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True)
+    [line] = [line for line in dry.stdout.splitlines() if "jupyter lab" in line]
+    return shlex.split(line)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("uid", [0, 1000, None], ids=["root", "user", "whoever-runs-the-test"])
+def test_make_lab_allows_root_only_as_root_on_localhost_with_a_token(uid):
+    command = _lab_command(*([f"LAB_UID={uid}"] if uid is not None else []))
+    root = (os.getuid() if uid is None else uid) == 0
+    assert ("--allow-root" in command) is root, command
+    assert "--ip=127.0.0.1" in command, command
+    assert not [flag for flag in command if re.search(r"token|password|--ip=(?!127\.0\.0\.1$)", flag)], command
