@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q $(TORCH)
 	$(VENV)/bin/python -m pip install -q -e ".[lab,test,deepspeed]"
+	$(VENV)/bin/python -m helpers.env --build-deepspeed-op
 	touch $(STAMP)
 
 install: $(STAMP)

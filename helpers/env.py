@@ -184,3 +184,44 @@ def output_dir(name: str, clean: bool = True) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def build_deepspeed_cpu_op() -> str:
+    """Compile DeepSpeed's CPU communication op now, instead of inside the first multi-process run.
+
+    On a machine without CUDA, DeepSpeed builds its shared-memory all-reduce (`ShareMemCommBuilder`) with
+    g++ the first time a process group starts, about 40 s on 2 cores, and caches it in
+    ~/.cache/torch_extensions (or TORCH_EXTENSIONS_DIR). `make install` calls this, so that notebook 04
+    and its tests start without that wait. Returns what it did. Taught in notebooks/04_deepspeed_zero.ipynb.
+    """
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available():
+        return "CUDA present: DeepSpeed uses NCCL, no CPU op to build"
+    if importlib.util.find_spec("deepspeed") is None:
+        return "DeepSpeed is not installed (pip install -e '.[deepspeed]'): nothing to build"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return "this DeepSpeed has no CPU communication op: nothing to build"
+    builder.load(verbose=False)
+    return f"DeepSpeed's {builder.absolute_name()} is built and cached"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print where the course runs; optionally prepare DeepSpeed.")
+    parser.add_argument("--build-deepspeed-op", action="store_true",
+                        help="compile DeepSpeed's CPU communication op once (make install does)")
+    if parser.parse_args().build_deepspeed_op:
+        import time
+
+        started = time.perf_counter()
+        print(f"{build_deepspeed_cpu_op()} ({time.perf_counter() - started:.0f} s)")
+    else:
+        environment_report()
