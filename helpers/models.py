@@ -236,6 +236,10 @@ def load_model(name: str = DEFAULT_MODEL, *, quantization: str | None = None, dt
         kwargs.update(quantization_config=config, device_map={"": 0} if cuda else "cpu")
     if dtype is not None:
         kwargs["dtype"] = dtype
+    elif not cuda and not quantization:
+        # transformers 5 loads a checkpoint in its stored dtype, and Pythia's are stored in float16: on a CPU that
+        # is slow, lossy for training, and mixes dtypes with float32 adapters. Pass dtype= to study precision.
+        kwargs["dtype"] = torch.float32
     try:
         model = heads[head].from_pretrained(choice.path, **kwargs)
     except ValueError as error:
