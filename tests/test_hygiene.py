@@ -199,7 +199,9 @@ def test_setup_cell_installs_the_course_on_colab_and_leaves_torch_alone(tmp_path
         in done.stdout, done.stdout  # the notebook's next cells import the clone's helpers, from its notebooks/
 
     probe = "import helpers, torch; print(helpers.__file__); print(torch.__version__); print(torch.__file__)"
-    found = subprocess.run([str(python), "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}  # no PYTHONPATH: as Colab
+    found = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=clean, capture_output=True, text=True,
+                           check=True)
     helpers_file, version, torch_file = found.stdout.split()
     assert Path(helpers_file).is_relative_to(tmp_path / "course"), helpers_file  # the clone, installed editable
     assert (version, torch_file) == (torch.__version__, torch.__file__)  # Colab's torch, untouched
