@@ -24,8 +24,9 @@ METHODS = ("lora", "qlora", "ptuning-v2", "freeze", "full")
 DEFAULT_LR = {
     "lora": 2e-3,        # LLMs_train / ChatGLM Efficient Tuning LoRA: 2e-4 to 5e-5
     "qlora": 2e-3,       # QLoRA paper: 2e-4
-    # ChatGLM P-Tuning v2: 2e-2. On the tiny stand-in, 60 steps at 2e-2 (and 4e-2) overshoot into one constant
-    # answer for every question (10-11% of the test split); 5e-3 reached 19% and 1e-2 29% (notebook 03's table).
+    # ChatGLM P-Tuning v2: 2e-2. Exploratory runs on the stand-in (2026-12-02, 60 steps, seeds 1-5): 2e-2 mostly
+    # collapsed to one answer (10-17% of the test split; a constant answer scores 10.4%), 1e-2 reached 11-26% and
+    # 5e-3 13-24%. At 120 steps, 1e-2 is swept in lessons/03_ptuning_and_methods.md.
     "ptuning-v2": 1e-2,
     "freeze": 1e-3,      # ChatGLM Efficient Tuning freeze: 1e-4 to 5e-5
     "full": 5e-4,        # full fine-tuning: 1e-5
@@ -256,7 +257,9 @@ ADAPTER_METHODS = ("lora", "qlora", "ptuning-v2")  # saved as peft adapters; fre
 _NOT_CACHE_ARGUMENTS = {"output_dir", "model", "tokenizer", "resume_from_checkpoint"}
 # The comparison's optimizer steps: at test size (the smoke run) and at a learner's size. Notebook 03
 # trains with these; 06 and 08 pass the same value to `train_or_load` and get the same runs back.
-COMPARISON_STEPS = {"smoke": 60, "learner": 300}
+# 120 at test size: at 60, Freeze and P-Tuning v2 sometimes still gave one answer to every question (a knife
+# edge that fell differently on different CPUs); the sweep in lessons/03_ptuning_and_methods.md is at 120.
+COMPARISON_STEPS = {"smoke": 120, "learner": 300}
 COMPARISON_SEED = 42
 
 
