@@ -4,7 +4,7 @@ A notebook checks two kinds of things. Whether code is right (our LoRA equals pe
 bitsandbytes') does not depend on the model: those stay plain `assert`s. How well a model learned depends on
 the model, the data, the number of steps and even the CPU's kernels, so it is a *lesson check*: it prints
 
-    ✓ LoRA beats the base model by 30 points: 61.3 >= 30.0 (%)
+    ✓ LoRA beats the base model by 30 points: 61.3 >= 30 (points of accuracy)
 
 or a ✗ with what that means, and the notebook goes on. It raises only where its bar was measured: at test
 size (`COURSE_SMOKE=1`) on the course's offline stand-in model, the run `make test` does. Each bar sits below
