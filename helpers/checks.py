@@ -11,6 +11,9 @@ size (`COURSE_SMOKE=1`) on the course's offline stand-in model, the run `make te
 the worst case of a sweep over seeds, kernel paths and thread counts (`python -m benchmarks.robustness`; the
 table is in the lesson of each notebook), so a ✗ there means the lesson stopped being true.
 
+A check of a *time* (a speed-up, an overhead) never raises: a clock measures the machine's load as much as the
+code, so speed targets live in `benchmarks/` and a timing check only tells the reader what this run saw.
+
 `COURSE_CHECKS_STRICT=0|1` overrides when a ✗ raises; `COURSE_CHECKS_LOG=<file>` appends every check as a
 JSON line (the sweep reads them). Taught in notebooks/01_lora_basics.ipynb.
 """
@@ -36,12 +39,14 @@ def strict() -> bool:
     return resolve_model(DEFAULT_MODEL).standin
 
 
-def lesson_check(claim: str, value: float, bar: float, *, op: str = ">=", unit: str = "", meaning: str = "") -> bool:
+def lesson_check(claim: str, value: float, bar: float, *, op: str = ">=", unit: str = "", meaning: str = "",
+                 timing: bool = False) -> bool:
     """Print ✓ or ✗ for `value op bar`, with both numbers; return whether it held.
 
     claim: what the notebook teaches, as a sentence ("LoRA beats the base model by 30 points").
     meaning: what a ✗ means and what to try (printed only with a ✗).
-    Raises AssertionError on a ✗ only when `strict()` (the test run on the stand-in).
+    timing: the value is measured with a clock; its ✗ is printed, never raised.
+    Raises AssertionError on a ✗ only when `strict()` (the test run on the stand-in) and not `timing`.
     """
     if op not in _OPS:
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
@@ -57,7 +62,8 @@ def lesson_check(claim: str, value: float, bar: float, *, op: str = ">=", unit: 
         margin = value - bar if op in (">=", ">") else bar - value
         with open(log, "a", encoding="utf-8") as file:
             file.write(json.dumps({"notebook": os.environ.get("COURSE_NOTEBOOK", ""), "claim": claim, "value": value,
-                                   "bar": bar, "op": op, "margin": margin, "held": held}, ensure_ascii=False) + "\n")
-    if not held and strict():
+                                   "bar": bar, "op": op, "margin": margin, "held": held,
+                                   "timing": timing}, ensure_ascii=False) + "\n")
+    if not held and not timing and strict():
         raise AssertionError(f"lesson check failed at test size on the stand-in, where its bar was measured: {line}")
     return held

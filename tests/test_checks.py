@@ -23,6 +23,12 @@ def test_a_failed_check_says_what_it_means_and_raises_only_when_strict(capsys, m
         lesson_check("beats the base", 12.0, 20.0, unit="%")
 
 
+def test_a_timing_check_reports_but_never_raises(capsys, monkeypatch):
+    monkeypatch.setenv("COURSE_CHECKS_STRICT", "1")
+    assert lesson_check("grouping speeds a step up", 0.9, 1.2, unit="x", timing=True) is False
+    assert capsys.readouterr().out.startswith("✗ grouping speeds a step up: 0.9 >= 1.2 (x)")
+
+
 def test_strict_by_default_only_at_test_size_on_the_standin(monkeypatch):
     monkeypatch.delenv("COURSE_CHECKS_STRICT", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
