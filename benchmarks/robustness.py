@@ -102,11 +102,29 @@ def run_environment(path: str, threads: int, seed: int, outputs: Path, log: Path
     return env
 
 
-def run_one(notebooks: list[Path], path: str, threads: int, seed: int, out: Path, timeout: int) -> dict:
-    """Execute the notebooks in order in fresh kernels under one combination; return what happened."""
+def execute_notebook(notebook: Path, env: dict[str, str], timeout: int):
+    """Run every cell of a notebook in a fresh kernel with `env`; return (status, seconds, the executed notebook).
+
+    status is "ran", or "error: <the exception's last line>" (a code-correctness assert or a crash).
+    Also used by tests/test_online_lane.py.
+    """
     import nbformat
     from nbclient import NotebookClient
 
+    nb = nbformat.read(notebook, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(notebook.parent)}})
+    started = time.perf_counter()
+    try:
+        client.execute(env=env)
+        status = "ran"
+    except Exception as error:  # reported, so that a sweep goes on
+        status = f"error: {type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+    return status, round(time.perf_counter() - started, 1), nb
+
+
+def run_one(notebooks: list[Path], path: str, threads: int, seed: int, out: Path, timeout: int) -> dict:
+    """Execute the notebooks in order in fresh kernels under one combination; return what happened."""
     name = f"{path}-t{threads}-s{seed}"
     outputs, log = out / "runs" / name, out / "runs" / f"{name}.jsonl"
     outputs.mkdir(parents=True, exist_ok=True)
@@ -115,16 +133,8 @@ def run_one(notebooks: list[Path], path: str, threads: int, seed: int, out: Path
     for notebook in notebooks:
         env = run_environment(path, threads, seed, outputs, log)
         env["COURSE_NOTEBOOK"] = notebook.stem
-        nb = nbformat.read(notebook, as_version=4)
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(notebook.parent)}})
-        started = time.perf_counter()
-        try:
-            client.execute(env=env)
-            status = "ran"
-        except Exception as error:  # a code-correctness assert or a crash: reported, the sweep goes on
-            status = f"error: {type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
-        record["notebooks"][notebook.stem] = {"status": status, "seconds": round(time.perf_counter() - started, 1)}
+        status, seconds, _ = execute_notebook(notebook, env, timeout)
+        record["notebooks"][notebook.stem] = {"status": status, "seconds": seconds}
         print(f"{name:>24} {notebook.stem:<26} {status[:60]:<60} {record['notebooks'][notebook.stem]['seconds']:>6.1f} s",
               flush=True)
     record["checks"] = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -197,6 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--summarize", action="store_true",
                         help="run nothing: rebuild the table from the runs already in <out>/runs (an interrupted sweep)")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the kernels start in notebooks/ and the servers they launch in the repository
     if args.summarize:
         return summarize_saved(args.out)
 

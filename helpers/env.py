@@ -12,11 +12,32 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Everything the notebooks write. COURSE_OUTPUTS moves it (the robustness sweep gives each run its own).
-OUTPUT_ROOT = Path(os.environ.get("COURSE_OUTPUTS") or REPO_ROOT / "outputs")
+# Everything the notebooks write. COURSE_OUTPUTS moves it (the robustness sweep gives each run its own); a relative
+# path is taken from the repository root, not from wherever a kernel or a subprocess happens to start.
+OUTPUT_ROOT = REPO_ROOT / Path(os.environ.get("COURSE_OUTPUTS") or "outputs").expanduser()
 
 _TRUE = {"1", "true", "yes", "on"}
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "accelerate", "deepspeed")
+
+
+def capped_steps(steps: int) -> int:
+    """`steps`, or fewer when `COURSE_MAX_STEPS` caps every training loop (at least 1).
+
+    For a first pass through a notebook on a slow machine, and for the test run's online-learner lane, which
+    checks that every cell runs on a Pythia-shaped model rather than how well it learns (its 50k vocabulary makes
+    each step several times dearer than the stand-in's). A capped run learns less: its lesson checks may say ✗.
+    Taught in notebooks/01_lora_basics.ipynb.
+    """
+    value = os.environ.get("COURSE_MAX_STEPS", "").strip()
+    if not value:
+        return steps
+    try:
+        cap = int(value)
+    except ValueError:
+        raise ValueError(f"COURSE_MAX_STEPS must be a whole number of steps, got {value!r}") from None
+    if cap < 1:
+        raise ValueError(f"COURSE_MAX_STEPS must be at least 1, got {cap}")
+    return min(steps, cap)
 
 
 def smoke() -> bool:

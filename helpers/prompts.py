@@ -91,6 +91,34 @@ def tokenize_prompt_response(tokenizer, prompt: str, response: str, max_source_l
             "labels": [IGNORE_INDEX] * len(source) + target}
 
 
+# Room after the longest label when generating an answer: enough to see whether the model stops after it.
+ANSWER_ROOM = 3
+
+
+def lengths_from_data(tokenizer, fmt: str, *datasets) -> dict[str, int]:
+    """Token lengths measured on the data with the tokenizer that loaded, never typed for one model.
+
+    max_source_length: the longest prompt; max_target_length: the longest response + EOS (nothing is cut);
+    max_new_tokens: the longest response + ANSWER_ROOM (to see whether generation stops after the answer).
+    The same text is 1 token per character for the course's stand-in and 1 to 3 for Pythia's byte-level BPE.
+    Taught in notebooks/01_lora_basics.ipynb (the data cell).
+    """
+    if not datasets:
+        raise ValueError("lengths_from_data needs at least one dataset")
+    prompts, responses = [], []
+    for dataset in datasets:
+        for example in dataset:
+            prompt, response = prompt_and_response(example, fmt)
+            prompts.append(prompt)
+            responses.append(response)
+    if not prompts:
+        raise ValueError("lengths_from_data got only empty datasets")
+    longest = lambda texts: max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompt_max, response_max = longest(prompts), longest(responses)
+    return {"max_source_length": prompt_max, "max_target_length": response_max + 1,
+            "max_new_tokens": response_max + ANSWER_ROOM}
+
+
 def tokenize_conversation(tokenizer, turns: list[dict], max_length: int | None = None,
                           human: str = "human", assistant: str = "assistant") -> dict[str, list[int]]:
     """`<s>input1</s>target1</s>input2</s>target2</s>` with the loss on the targets (and their </s>) only.

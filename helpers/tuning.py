@@ -159,6 +159,33 @@ class FinetuneResult:
                 "first loss": round(self.losses[0], 3), "last loss": round(self.losses[-1], 3)}
 
 
+def expected_training_time(model, batch: dict, steps: int, gradient_accumulation_steps: int = 1) -> float:
+    """Time one training step on a real batch here and print what the whole run should take; return s/step.
+
+    One forward and backward pass (the optimizer's update is small beside it), with the random state saved and
+    restored and the gradients cleared, so the run that follows is exactly the run it would have been. The first
+    step pays some one-off costs, so the estimate errs long. Taught in notebooks/01_lora_basics.ipynb.
+    """
+    import torch
+
+    was_training = model.training
+    model.train()
+    batch = {key: value.to(model.device) for key, value in batch.items()}
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        started = time.perf_counter()
+        model(**batch).loss.backward()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        per_step = (time.perf_counter() - started) * gradient_accumulation_steps
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    total = per_step * steps
+    shown = f"{total:.0f} s" if total < 120 else f"{total / 60:.0f} min" if total < 7200 else f"{total / 3600:.1f} h"
+    where = torch.cuda.get_device_name() if model.device.type == "cuda" else f"this CPU ({torch.get_num_threads()} threads)"
+    print(f"expected: {steps} steps x {per_step:.2f} s = about {shown} on {where} (one step measured just now)")
+    return per_step
+
+
 def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAULT_MODEL, max_steps: int = 60,
              batch_size: int = 8, gradient_accumulation_steps: int = 1, learning_rate: float | None = None,
              seed: int = 42, logging_steps: int = 5, save_steps: int | None = None, save_total_limit: int | None = 2,
@@ -266,9 +293,13 @@ COMPARISON_SEED = 42
 def comparison_steps(smoke: bool) -> int:
     """max_steps of the method comparison: COMPARISON_STEPS["smoke"] in the test run, else ["learner"].
 
+    COURSE_MAX_STEPS caps it (helpers.env.capped_steps).
+
     Taught in notebooks/03_ptuning_and_methods.ipynb; notebooks 06 and 08 reuse its runs with it.
     """
-    return COMPARISON_STEPS["smoke" if smoke else "learner"]
+    from .env import capped_steps
+
+    return capped_steps(COMPARISON_STEPS["smoke" if smoke else "learner"])
 
 
 def cache_root():

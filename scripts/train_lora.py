@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default="promptcblue_ctc",
                       help="a name from data/dataset_info.json with a prompt/response format")
     data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
-    data.add_argument("--max_source_length", type=int, default=128, help="prompt tokens at most (the training kit: 256)")
-    data.add_argument("--max_target_length", type=int, default=8, help="response tokens kept, EOS included (the training kit: 16)")
+    data.add_argument("--max_source_length", type=int, default=None,
+                      help="prompt tokens at most (default: the longest prompt of the data with this tokenizer; the training kit: 256)")
+    data.add_argument("--max_target_length", type=int, default=None,
+                      help="response tokens kept, EOS included (default: the longest response + EOS; the training kit: 16)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_r", type=int, default=8)
     lora.add_argument("--lora_alpha", type=int, default=16)
@@ -78,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad arguments with a message that names the argument, the value and what is allowed."""
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps",
-                 "lora_r", "lora_alpha", "max_source_length", "max_target_length"):
+                 "lora_r", "lora_alpha"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ("max_train_samples", "save_steps"):
+    for name in ("max_train_samples", "save_steps", "max_source_length", "max_target_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer when given, got {getattr(args, name)}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from helpers.data import dataset_info, load_dataset
     from helpers.models import count_parameters, load_model, load_tokenizer
-    from helpers.prompts import collator, tokenize_dataset
+    from helpers.prompts import collator, lengths_from_data, tokenize_dataset
     from helpers.tuning import prepare_model
 
     rank = int(os.environ.get("RANK", 0))
@@ -178,8 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
         train = load_dataset(args.dataset, split="train")
         if args.max_train_samples:
             train = train.select(range(min(args.max_train_samples, len(train))))
-        train = tokenize_dataset(train, tokenizer, dataset_info(args.dataset)["format"],
-                                 args.max_source_length, args.max_target_length)
+        fmt = dataset_info(args.dataset)["format"]
+        if args.max_source_length is None or args.max_target_length is None:  # measured, as notebook 01 does
+            measured = lengths_from_data(tokenizer, fmt, train)
+            args.max_source_length = args.max_source_length or measured["max_source_length"]
+            args.max_target_length = args.max_target_length or measured["max_target_length"]
+        train = tokenize_dataset(train, tokenizer, fmt, args.max_source_length, args.max_target_length)
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=collator(tokenizer))
     started = time.perf_counter()

@@ -60,3 +60,16 @@ def test_nothing_trusts_torch_cuda_is_bf16_supported():
             *REPO_ROOT.glob("notebooks/*.ipynb")]
     calls = [path.name for path in code if re.search(r"[^`]torch\.cuda\.is_bf16_supported\(", path.read_text())]
     assert not calls, f"{calls} call torch.cuda.is_bf16_supported(), which says yes on a T4: use bf16_supported()"
+
+
+def test_course_max_steps_caps_training_loops(monkeypatch):
+    from helpers.env import capped_steps
+
+    monkeypatch.delenv("COURSE_MAX_STEPS", raising=False)
+    assert capped_steps(120) == 120
+    monkeypatch.setenv("COURSE_MAX_STEPS", "10")
+    assert capped_steps(120) == 10 and capped_steps(5) == 5
+    for bad in ("ten", "0"):
+        monkeypatch.setenv("COURSE_MAX_STEPS", bad)
+        with pytest.raises(ValueError, match="COURSE_MAX_STEPS"):
+            capped_steps(120)

@@ -71,3 +71,20 @@ def test_formats():
     assert "### Input:\nx\n" in prompt_and_response({"instruction": "i", "input": "x", "output": "o"}, "alpaca")[0]
     with pytest.raises(ValueError, match="tokenize_conversation"):
         prompt_and_response({}, "conversation")
+
+
+def test_lengths_from_data_fit_the_longest_prompt_and_label(tokenizer):
+    from helpers.prompts import ANSWER_ROOM, lengths_from_data, tokenize_dataset
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{"input": "判断类别：年龄\n答：", "target": "年龄"},
+                              {"input": "判断类别：吸烟状况与饮酒史\n答：", "target": "吸烟状况"}])
+    lengths = lengths_from_data(tokenizer, "promptcblue", rows)
+    prompts = [len(tokenizer(r["input"], add_special_tokens=False)["input_ids"]) for r in rows]
+    label = len(tokenizer("吸烟状况", add_special_tokens=False)["input_ids"])
+    assert lengths == {"max_source_length": max(prompts), "max_target_length": label + 1,
+                       "max_new_tokens": label + ANSWER_ROOM}
+    cut = tokenize_dataset(rows, tokenizer, "promptcblue", lengths["max_source_length"], lengths["max_target_length"])
+    assert cut["labels"] == tokenize_dataset(rows, tokenizer, "promptcblue")["labels"]  # nothing refused, nothing cut
+    with pytest.raises(ValueError, match="at least one dataset"):
+        lengths_from_data(tokenizer, "promptcblue")

@@ -212,3 +212,20 @@ def test_half_written_run_is_not_taken(tiny_model_dir, cache):
     assert info["from_cache"] is False and (cache / name / "info.json").is_file()
     with pytest.raises(FileNotFoundError, match="not a complete train_or_load run"):
         tuning.load_cached_run(cache / "lora-000000000000")
+
+
+def test_expected_training_time_changes_nothing_in_the_run(tiny_model_dir, capsys):
+    """The estimate before a run measures a step and restores the random state and the gradients."""
+    from helpers.models import load_tokenizer
+    from helpers.prompts import collator, tokenize_prompt_response
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = tuning.prepare_model(_base(tiny_model_dir), "lora", lora_dropout=0.5)
+    batch = collator(tokenizer)([tokenize_prompt_response(tokenizer, "年龄18至65岁\n答：", "年龄")] * 2)
+    torch.manual_seed(3)
+    per_step = tuning.expected_training_time(model, batch, steps=100, gradient_accumulation_steps=2)
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(3))  # the dropout draws were given back
+    assert per_step > 0 and all(p.grad is None for p in model.parameters())
+    assert capsys.readouterr().out.startswith("expected: 100 steps x ")
