@@ -38,7 +38,19 @@ SIZES = {
     "full": dict(seq_len=256, batch_size=8, steps=20, technique_steps=30),
 }
 DATASET = "promptcblue_ctc"
-MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH = 128, 8  # the course's PromptCBLUE settings (notebook 01)
+# Fixed lengths as a training kit's flags set them: round numbers above the longest example of the data with the
+# tokenizer that loads (notebook 01 measures them): 128 and 8 with the stand-in, 192 and 16 with Pythia's tokenizer.
+LENGTH_STEPS = {"max_source_length": 64, "max_target_length": 8}
+
+
+def fixed_lengths(tokenizer, dataset) -> dict[str, int]:
+    """max_source_length and max_target_length rounded up to LENGTH_STEPS from the data's longest prompt and label."""
+    from helpers.prompts import lengths_from_data
+
+    measured = lengths_from_data(tokenizer, "promptcblue", dataset)
+    return {key: -(-measured[key] // step) * step for key, step in LENGTH_STEPS.items()}
+
+
 PACK_BLOCK, PACK_BATCH = 256, 2                # about 8 examples a step, like a padded batch of 8
 METHODS = ("full", "lora", "qlora", "ptuning-v2")
 PREFIX = dict(pre_seq_len=16, prefix_projection=True)  # helpers.tuning's P-Tuning v2 defaults
@@ -123,9 +135,11 @@ def run(quick: bool = True, model_name: str | None = None, out_dir: Path | None 
     pad = tokenizer.pad_token_id
     with contextlib.redirect_stderr(io.StringIO()):  # progress bars of datasets.map
         raw = load_dataset(DATASET, split="train")
-        examples = tokenize_dataset(raw, tokenizer, "promptcblue", MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH)
+        fixed_to = fixed_lengths(tokenizer, raw)
+        max_source, max_target = fixed_to["max_source_length"], fixed_to["max_target_length"]
+        examples = tokenize_dataset(raw, tokenizer, "promptcblue", max_source, max_target)
         blocks = pack(examples, size["seq_len"], pad, seed=seed)          # equal-length rows for the methods
-        fixed = pad_to_length(examples, MAX_SOURCE_LENGTH + MAX_TARGET_LENGTH, pad)
+        fixed = pad_to_length(examples, max_source + max_target, pad)
         packed = pack(examples, PACK_BLOCK, pad, seed=seed)
     work = Path(out_dir or tempfile.mkdtemp(prefix="bench-"))
     b, s, steps, tsteps = size["batch_size"], size["seq_len"], size["steps"], size["technique_steps"]
@@ -143,7 +157,7 @@ def run(quick: bool = True, model_name: str | None = None, out_dir: Path | None 
     lengths = [len(ids) for ids in examples["input_ids"]]
     common = {
         "quick": quick, "model": str(choice), "dataset": DATASET, "seed": seed,
-        "settings": dict(size, max_source_length=MAX_SOURCE_LENGTH, max_target_length=MAX_TARGET_LENGTH,
+        "settings": dict(size, max_source_length=max_source, max_target_length=max_target,
                          pack_block=PACK_BLOCK, pack_batch=PACK_BATCH, lora_r=8, lora_dropout=0.05, **PREFIX),
         "rss_follows_frees": returns_memory, "environment": environment_report(show=False),
         "machine": platform.machine(), "methods": method_rows,
@@ -165,7 +179,7 @@ def run(quick: bool = True, model_name: str | None = None, out_dir: Path | None 
         "packed": _finetune("lora", packed, work / "packed", model_name, tsteps, PACK_BATCH, seed=seed),
     }
     pad_share = {
-        "fixed": padding_fraction(lengths, b, "fixed", pad_to=MAX_SOURCE_LENGTH + MAX_TARGET_LENGTH),
+        "fixed": padding_fraction(lengths, b, "fixed", pad_to=max_source + max_target),
         "dynamic": padding_fraction(lengths, b, "dynamic", seed=seed),
         "grouped": padding_fraction(lengths, b, "grouped", seed=seed),
         "packed": 1 - sum(lengths) / (PACK_BLOCK * len(packed)),

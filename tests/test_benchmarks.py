@@ -106,3 +106,16 @@ def test_gpu_script_skips_on_cpu_and_its_arithmetic():
     done = subprocess.run([sys.executable, "benchmarks/gpu_qlora_bloom7b1.py"], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("SKIPPED: no CUDA GPU"), done.stdout + done.stderr
+
+
+def test_fixed_lengths_round_the_datas_longest_up_like_a_kits_flags():
+    from transformers import AutoTokenizer
+
+    from benchmarks.run import fixed_lengths
+    from helpers.data import load_dataset
+    from helpers.models import load_tokenizer
+
+    train = load_dataset("promptcblue_ctc", split="train")
+    assert fixed_lengths(load_tokenizer(), train) == {"max_source_length": 128, "max_target_length": 8}
+    pythia = AutoTokenizer.from_pretrained(REPO_ROOT / "tests" / "fixtures" / "pythia-tokenizer")
+    assert fixed_lengths(pythia, train) == {"max_source_length": 192, "max_target_length": 16}

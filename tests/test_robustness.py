@@ -22,6 +22,7 @@ from collections import Counter
 import torch
 from helpers.data import load_dataset
 from helpers.evaluate import choice_accuracy, generate
+from helpers.prompts import lengths_from_data
 from helpers.tuning import COMPARISON_SEED, comparison_steps, train_or_load
 
 test = load_dataset("promptcblue_ctc", split="test")
@@ -32,7 +33,8 @@ for method in ("lora", "ptuning-v2"):  # notebook 03's CONFIG: batch 8, r 8, 16 
     model, tokenizer, _ = train_or_load(method, dataset="promptcblue_ctc", max_steps=comparison_steps(True),
                                         seed=COMPARISON_SEED, batch_size=8, lora_r=8, pre_seq_len=16,
                                         num_trainable_layers=2)
-    result[method] = choice_accuracy(generate(model, tokenizer, questions, max_new_tokens=8), labels)
+    max_new_tokens = lengths_from_data(tokenizer, "promptcblue", load_dataset("promptcblue_ctc", split="train"), test)["max_new_tokens"]
+    result[method] = choice_accuracy(generate(model, tokenizer, questions, max_new_tokens=max_new_tokens), labels)
 print(json.dumps(result))
 """
 
