@@ -13,6 +13,8 @@ import re
 import unicodedata
 from pathlib import Path
 
+from .metrics import check_pairs, corpus_scores
+
 _PUNCTUATION = re.compile(r"[\s\u3000。，、；：？！,.;:?!\"'“”‘’（）()【】\[\]<>《》]+")
 
 
@@ -61,20 +63,6 @@ def normalize_answer(text: str) -> str:
     """First line, Unicode NFKC (full-width → half-width), punctuation and spaces removed, lower case."""
     first_line = (text or "").strip().split("\n", 1)[0]
     return _PUNCTUATION.sub("", unicodedata.normalize("NFKC", first_line)).lower()
-
-
-def check_pairs(predictions, references, references_name: str = "targets") -> None:
-    """Reject what no score can be computed from: single strings, unequal lengths, nothing to score.
-
-    Shared by every scorer of the course (`choice_accuracy` here, BLEU/ROUGE in helpers.metrics).
-    Taught in notebooks/01_lora_basics.ipynb.
-    """
-    if isinstance(predictions, str) or isinstance(references, str):
-        raise TypeError(f"scores take two lists of strings (predictions, {references_name}), not single strings")
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} {references_name}")
-    if not references:
-        raise ValueError("no examples to score")
 
 
 def choice_accuracy(predictions: list[str], targets: list[str]) -> float:
@@ -155,7 +143,6 @@ def score_predictions(path, lang: str = "zh") -> dict[str, float]:
     lang: "zh" (BLEU on characters, ROUGE on jieba words) or "en" (both on words); see helpers.metrics.
     Reads the file, so what is scored is exactly what was saved. Taught in notebooks/06_evaluation.ipynb.
     """
-    from .metrics import corpus_scores
 
     records = read_predictions(path)
     predictions = [r["predict"] for r in records]

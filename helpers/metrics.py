@@ -20,7 +20,20 @@ import logging
 import re
 from collections.abc import Sequence
 
-from .evaluate import check_pairs
+
+def check_pairs(predictions, references, references_name: str = "targets") -> None:
+    """Reject what no score can be computed from: single strings, unequal lengths, nothing to score.
+
+    Shared by every scorer of the course (BLEU/ROUGE here, `choice_accuracy` in helpers.evaluate).
+    Taught in notebooks/01_lora_basics.ipynb.
+    """
+    if isinstance(predictions, str) or isinstance(references, str):
+        raise TypeError(f"scores take two lists of strings (predictions, {references_name}), not single strings")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} {references_name}")
+    if not references:
+        raise ValueError("no examples to score")
+
 
 LANGS = ("zh", "en")
 UNITS = ("char", "jieba", "word", "space")

@@ -213,3 +213,30 @@ def test_setup_cell_stops_with_a_fix_when_the_clone_fails(tmp_path):
     assert done.returncode != 0
     assert "RuntimeError: Cloning the course failed" in done.stderr and "Fix: check the address" in done.stderr
     assert not (tmp_path / "course").exists()
+
+
+def test_helpers_import_each_other_without_a_circle():
+    """Every `from .x import` between helpers modules (at the top or inside a function) points one way."""
+    import ast
+
+    helpers = REPO_ROOT / "helpers"
+    graph = {}
+    for path in helpers.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        graph[path.stem] = {node.module.split(".")[0] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    done, path_stack = set(), []
+
+    def visit(module):
+        if module in path_stack:
+            raise AssertionError("helpers import in a circle: " + " -> ".join(path_stack[path_stack.index(module):] + [module]))
+        if module in done:
+            return
+        path_stack.append(module)
+        for imported in graph.get(module, ()):
+            visit(imported)
+        path_stack.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)
