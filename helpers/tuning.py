@@ -191,13 +191,14 @@ def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAUL
              seed: int = 42, logging_steps: int = 5, save_steps: int | None = None, save_total_limit: int | None = 2,
              resume_from_checkpoint=None, optim: str = "adamw_torch", gradient_checkpointing: bool = False,
              group_by_length: bool = False, model=None, tokenizer=None, quiet: bool = True,
-             max_grad_norm: float = 1.0, **method_kwargs) -> FinetuneResult:
+             max_grad_norm: float = 1.0, announce: bool = False, **method_kwargs) -> FinetuneResult:
     """Fine-tune with `method` on a tokenized dataset (input_ids, attention_mask, labels) via the 🤗 Trainer.
 
     Pass `model` to train one you already prepared; otherwise the base model is loaded (4-bit NF4 with
     double quantization for "qlora"). Returns the trained model, its loss per logging step, and
     measurements: seconds per step, tokens per second, peak memory (CUDA allocator on a GPU, process RSS
-    growth on a CPU) and the trainable share.
+    growth on a CPU) and the trainable share. `announce=True` first prints the run's expected time from one
+    measured step (`expected_training_time`; the run itself is unchanged).
     """
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
@@ -252,6 +253,9 @@ def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAUL
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
+    if announce:
+        first = base_collate([train_dataset[i] for i in range(min(batch_size, len(train_dataset)))])
+        expected_training_time(model, first, max_steps, gradient_accumulation_steps)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

@@ -229,3 +229,17 @@ def test_expected_training_time_changes_nothing_in_the_run(tiny_model_dir, capsy
     assert torch.equal(after, torch.rand(3))  # the dropout draws were given back
     assert per_step > 0 and all(p.grad is None for p in model.parameters())
     assert capsys.readouterr().out.startswith("expected: 100 steps x ")
+
+
+def test_finetune_announcing_its_time_trains_exactly_the_same(tiny_model_dir, tmp_path, capsys):
+    from helpers.data import load_dataset
+    from helpers.models import load_tokenizer
+    from helpers.prompts import tokenize_dataset
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = tokenize_dataset(load_dataset("promptcblue_ctc", split="train").select(range(8)), tokenizer,
+                            "promptcblue", 1000, 16)
+    runs = [tuning.finetune("lora", data, output_dir=tmp_path / str(announce), model_name=tiny_model_dir,
+                            max_steps=2, batch_size=4, logging_steps=1, announce=announce) for announce in (False, True)]
+    assert runs[0].losses == runs[1].losses
+    assert "expected: 2 steps x " in capsys.readouterr().out
