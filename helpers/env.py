@@ -26,7 +26,7 @@ def capped_steps(steps: int) -> int:
     For a first pass through a notebook on a slow machine, and for the test run's online-learner lane, which
     checks that every cell runs on a Pythia-shaped model rather than how well it learns (its 50k vocabulary makes
     each step several times dearer than the stand-in's). A capped run learns less: its lesson checks may say ✗.
-    Taught in notebooks/01_lora_basics.ipynb.
+    Used by the configuration cells of notebooks 01-03 (README, "Which model you get").
     """
     value = os.environ.get("COURSE_MAX_STEPS", "").strip()
     if not value:
