@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from .models import evaluating
 from .prompts import tokenize_conversation
 
 HUMAN, ASSISTANT = "human", "assistant"
@@ -102,30 +103,28 @@ def stream_generate(model, tokenizer, input_ids: list[int], *, max_new_tokens: i
             outcome["error"] = error
             streamer.end()
 
-    was_training = model.training
-    model.eval()
-    worker = threading.Thread(target=work, name="stream_generate", daemon=True)
-    worker.start()
-    try:
-        for piece in streamer:
-            if "error" in outcome:
-                break
-            if piece:
-                generation.pieces.append(piece)
-                generation.text += piece
-                yield piece
-    finally:  # also runs when the reader closes the generator early
-        cancel.set()  # no-op when generation already ended; stops it at the next token otherwise
-        worker.join()
-        model.train(was_training)
-        if "ids" in outcome:
-            new = outcome["ids"][0, len(input_ids):].tolist()
-            eos = tokenizer.eos_token_id
-            if eos in new:
-                generation.completion_tokens, generation.finish_reason = new.index(eos) + 1, "stop"
-            else:
-                generation.completion_tokens = len(new)
-                generation.finish_reason = "length" if len(new) >= max_new_tokens else "cancelled"
+    with evaluating(model):
+        worker = threading.Thread(target=work, name="stream_generate", daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if "error" in outcome:
+                    break
+                if piece:
+                    generation.pieces.append(piece)
+                    generation.text += piece
+                    yield piece
+        finally:  # also runs when the reader closes the generator early
+            cancel.set()  # no-op when generation already ended; stops it at the next token otherwise
+            worker.join()
+            if "ids" in outcome:
+                new = outcome["ids"][0, len(input_ids):].tolist()
+                eos = tokenizer.eos_token_id
+                if eos in new:
+                    generation.completion_tokens, generation.finish_reason = new.index(eos) + 1, "stop"
+                else:
+                    generation.completion_tokens = len(new)
+                    generation.finish_reason = "length" if len(new) >= max_new_tokens else "cancelled"
     if "error" in outcome:
         raise outcome["error"]
 

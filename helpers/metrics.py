@@ -24,7 +24,7 @@ from collections.abc import Sequence
 def check_pairs(predictions, references, references_name: str = "targets") -> None:
     """Reject what no score can be computed from: single strings, unequal lengths, nothing to score.
 
-    Shared by every scorer of the course (BLEU/ROUGE here, `choice_accuracy` in helpers.evaluate).
+    Shared by every scorer of the course (BLEU/ROUGE here, `choice_accuracy` in helpers.generation).
     Taught in notebooks/01_lora_basics.ipynb.
     """
     if isinstance(predictions, str) or isinstance(references, str):

@@ -6,6 +6,7 @@ LoRA target modules per family are taught in notebooks/01_lora_basics.ipynb.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -354,3 +355,25 @@ def parameter_table(model, depth: int = 2):
     frame = pd.DataFrame([(k, n, t, 100 * n / total) for k, (n, t) in groups.items()],
                          columns=["module", "parameters", "trainable", "share_%"])
     return frame.round({"share_%": 2})
+
+
+@contextlib.contextmanager
+def evaluating(model, tokenizer=None):
+    """Eval mode (dropout off) and, given a tokenizer, left padding, for generating or scoring in batches.
+
+    Both are put back afterwards, also after an error, so a model in the middle of training goes on training.
+    Left padding makes every row's last token its prompt's end, so the new tokens line up (right padding would
+    put pad tokens between a short prompt and its answer). Taught in notebooks/01_lora_basics.ipynb
+    (helpers.generation.generate uses it).
+    """
+    was_training = model.training
+    side = tokenizer.padding_side if tokenizer is not None else None
+    model.eval()
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        if tokenizer is not None:
+            tokenizer.padding_side = side

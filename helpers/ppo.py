@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .models import evaluating
+
 
 # --- configuration -------------------------------------------------------------------------------
 @dataclass
@@ -177,20 +179,11 @@ def rollout(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, temp
         raise ValueError("rollout takes a non-empty list of prompts")
     lm = _lm(model)
     device = next(lm.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    finally:
-        tokenizer.padding_side = side
-    was_training = lm.training
-    lm.eval()
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
-    try:
+    with evaluating(lm, tokenizer):
+        batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = lm.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=tokenizer.eos_token_id, **sampling)
-    finally:
-        lm.train(was_training)
     responses = out[:, batch["input_ids"].shape[1]:]
     mask = response_mask(responses, tokenizer.eos_token_id)
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(responses, mask)]

@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from .evaluate import normalize_answer
+from .generation import normalize_answer
+from .models import evaluating
 
 _NUMBER = re.compile(r"-?\d+")
 _NUMBER_LIST = re.compile(r"^-?\d+(\s*,\s*-?\d+)*$")
@@ -37,7 +38,7 @@ def is_correct(completion: str, answer: str) -> bool:
       completion must equal the k integers of the answer. "Last" matters: a reply repeats the question's
       numbers first ("28 减 6 等于 22"), and "28 减 6 等于 21" must not pass because it contains 6.
     - Text answers (a department, a translated word): the answer must occur in the completion after
-      `helpers.evaluate.normalize_answer` (NFKC, lower case, spaces and punctuation removed); an ASCII
+      `helpers.generation.normalize_answer` (NFKC, lower case, spaces and punctuation removed); an ASCII
       answer must also be a whole word, so "ear" does not pass inside "heart".
 
     Taught in notebooks/05_rlhf.ipynb.
@@ -149,17 +150,12 @@ def score_with_reward_model(model, tokenizer, prompts: list[str], responses: lis
 
     texts = reward_model_texts(tokenizer, prompts, responses)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     scores = []
-    try:
+    with evaluating(model), torch.no_grad():
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
                               max_length=max_length, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                scores.append(model(**batch).logits[:, 0].float().cpu())
-    finally:
-        model.train(was_training)
+            scores.append(model(**batch).logits[:, 0].float().cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
 
 

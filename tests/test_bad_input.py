@@ -99,7 +99,7 @@ def test_missing_adapter_folder(tmp_path, tiny_model_dir):
 
 
 def test_missing_predictions_file(tmp_path):
-    from helpers.evaluate import read_predictions
+    from helpers.generation import read_predictions
 
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_predictions(tmp_path / "nope.jsonl")
@@ -252,7 +252,7 @@ def test_memory_estimate_with_an_unknown_weight_format():
 
 
 def test_server_refuses_a_public_address():
-    from helpers.api import check_loopback
+    from helpers.serving import check_loopback
 
     with pytest.raises(ValueError, match="not a loopback address; this server has no authentication"):
         check_loopback("0.0.0.0")
@@ -333,7 +333,7 @@ def test_collator_needs_a_pad_token(tokenizer):
 
 
 def test_generate_takes_a_list_of_prompts(tiny_model_dir, tokenizer):
-    from helpers.evaluate import generate
+    from helpers.generation import generate
 
     with pytest.raises(TypeError, match="generate takes a list of prompts; wrap a single prompt in a list"):
         generate(load_model(str(tiny_model_dir), verbose=False), tokenizer, "t3 t4")
@@ -422,14 +422,14 @@ def test_fuzzed_data_files_are_rejected_with_file_and_line_or_load_cleanly(tmp_p
 
 
 def test_generate_rejects_a_batch_size_below_one():
-    from helpers.evaluate import generate
+    from helpers.generation import generate
 
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         generate(None, None, ["问："], batch_size=0)
 
 
 def test_choice_accuracy_rejects_single_strings():
-    from helpers.evaluate import choice_accuracy
+    from helpers.generation import choice_accuracy
 
     with pytest.raises(TypeError, match="two lists of strings"):
         choice_accuracy("年龄", "年龄")

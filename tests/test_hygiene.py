@@ -215,28 +215,42 @@ def test_setup_cell_stops_with_a_fix_when_the_clone_fails(tmp_path):
     assert not (tmp_path / "course").exists()
 
 
-def test_helpers_import_each_other_without_a_circle():
-    """Every `from .x import` between helpers modules (at the top or inside a function) points one way."""
+def _helpers_imports() -> dict[str, set[str]]:
+    """module -> the helpers modules it imports (`from .x`, `from helpers.x`, `import helpers.x`; anywhere in it)."""
     import ast
 
-    helpers = REPO_ROOT / "helpers"
     graph = {}
-    for path in helpers.glob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        graph[path.stem] = {node.module.split(".")[0] for node in ast.walk(tree)
-                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
-    done, path_stack = set(), []
+    for path in (REPO_ROOT / "helpers").glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.level == 1:
+                    imported.add(node.module.split(".")[0])
+                elif node.level == 0 and node.module.startswith("helpers."):
+                    imported.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("helpers.")}
+        graph[path.stem] = imported - {path.stem}
+    return graph
 
-    def visit(module):
-        if module in path_stack:
-            raise AssertionError("helpers import in a circle: " + " -> ".join(path_stack[path_stack.index(module):] + [module]))
-        if module in done:
-            return
-        path_stack.append(module)
-        for imported in graph.get(module, ()):
-            visit(imported)
-        path_stack.pop()
-        done.add(module)
 
-    for module in graph:
-        visit(module)
+def test_helpers_import_only_from_layers_below():
+    """helpers.LAYERS orders the modules; each imports only modules listed before it, so there is no circle."""
+    from helpers import LAYERS
+
+    order = [module for _, modules in LAYERS for module in modules]
+    graph = _helpers_imports()
+    assert sorted(order) == sorted(graph), (
+        f"helpers.LAYERS must list every module once: missing {sorted(set(graph) - set(order))}, "
+        f"listed but absent {sorted(set(order) - set(graph))}, twice {sorted({m for m in order if order.count(m) > 1})}")
+    upward = [f"{module} imports {imported}" for module, imports in graph.items() for imported in sorted(imports)
+              if order.index(imported) >= order.index(module)]
+    assert not upward, "imports that point up the layers of helpers/__init__.py: " + "; ".join(upward)
+
+
+def test_layer_check_sees_imports_inside_functions_and_absolute_ones():
+    graph = _helpers_imports()
+    assert "env" in graph["data"]           # `from helpers.env import REPO_ROOT`, absolute
+    assert "models" in graph["checks"]      # imported inside strict()

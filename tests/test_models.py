@@ -123,3 +123,14 @@ def test_a_float16_checkpoint_loads_in_float32_on_a_cpu(tmp_path):
     assert {p.dtype for p in models.load_model(str(tmp_path / "fp16"), verbose=False).parameters()} == {torch.float32}
     kept = models.load_model(str(tmp_path / "fp16"), dtype=torch.float16, verbose=False)  # asked for: kept
     assert {p.dtype for p in kept.parameters()} == {torch.float16}
+
+
+def test_evaluating_puts_mode_and_padding_back_also_after_an_error():
+    model, tokenizer = torch.nn.Linear(2, 2).train(), models.load_tokenizer()
+    with models.evaluating(model, tokenizer):
+        assert not model.training and tokenizer.padding_side == "left"
+    assert model.training and tokenizer.padding_side == "right"
+    with pytest.raises(RuntimeError, match="boom"), models.evaluating(model.eval(), tokenizer):
+        model.train()  # whatever happens inside, the state from before comes back
+        raise RuntimeError("boom")
+    assert not model.training and tokenizer.padding_side == "right"

@@ -21,7 +21,7 @@ from collections import Counter
 
 import torch
 from helpers.data import load_dataset
-from helpers.evaluate import choice_accuracy, generate
+from helpers.generation import choice_accuracy, generate
 from helpers.prompts import lengths_from_data
 from helpers.tuning import COMPARISON_SEED, comparison_steps, train_or_load
 

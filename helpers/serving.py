@@ -1,6 +1,6 @@
 """A small OpenAI-compatible chat-completions server for a (tuned) model: FastAPI + uvicorn + sse-starlette.
 
-    python -m helpers.api --model EleutherAI/pythia-70m-deduped --adapter outputs/07_export_chat_api/adapter_chat --port 8000
+    python -m helpers.serving --model EleutherAI/pythia-70m-deduped --adapter outputs/07_export_chat_api/adapter_chat --port 8000
 
 Endpoints (the request and response shapes of OpenAI's Chat Completions API, so its clients work):
   GET  /v1/models             the one model served
@@ -238,7 +238,7 @@ def create_app(model, tokenizer, *, model_id: str = "course-model", max_tokens_l
 
 
 # ----------------------------------------------------------------------------------------------
-# Running it: in a thread (tests, notebooks) or as a process (python -m helpers.api)
+# Running it: in a thread (tests, notebooks) or as a process (python -m helpers.serving)
 # ----------------------------------------------------------------------------------------------
 def check_loopback(host: str) -> str:
     """Return `host` if it is a loopback address, else raise: the course's server has no authentication."""
@@ -318,7 +318,7 @@ def wait_until_ready(url: str, process: subprocess.Popen | None = None, timeout:
 
 
 class ServerProcess:
-    """`python -m helpers.api ARGS --host HOST --port PORT` as a child process, ready when constructed.
+    """`python -m helpers.serving ARGS --host HOST --port PORT` as a child process, ready when constructed.
 
     Its output goes to `log_path`. `stop()` (or leaving a `with` block) terminates it; it is also killed
     when the Python process that started it exits, so a failed notebook cell never leaves it running.
@@ -331,8 +331,8 @@ class ServerProcess:
 
         self.host, self.port = check_loopback(host), port or free_port(host)
         self.url = f"http://{self.host}:{self.port}"
-        self.log_path = log_path or tempfile.mkstemp(prefix="helpers-api-", suffix=".log")[1]
-        self.command = [sys.executable, "-m", "helpers.api", *map(str, args), "--host", self.host,
+        self.log_path = log_path or tempfile.mkstemp(prefix="helpers-serving-", suffix=".log")[1]
+        self.command = [sys.executable, "-m", "helpers.serving", *map(str, args), "--host", self.host,
                         "--port", str(self.port)]
         from .env import REPO_ROOT
 
@@ -375,7 +375,7 @@ class ServerProcess:
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(prog="python -m helpers.api", description=(
+    parser = argparse.ArgumentParser(prog="python -m helpers.serving", description=(
         "Serve a base model (+ a LoRA adapter) with an OpenAI-compatible API: GET /v1/models, "
         "POST /v1/chat/completions (stream: true for server-sent events). Loopback addresses only."))
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model: Hub id or local folder (default: %(default)s)")
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer = load_for_inference(args.model, args.adapter, quantization=args.quantization,
                                                   merge=args.merge)
     except (OSError, ValueError, RuntimeError) as error:  # a wrong path or option: say which, no traceback
-        print(f"python -m helpers.api: error: {error}", file=sys.stderr)
+        print(f"python -m helpers.serving: error: {error}", file=sys.stderr)
         return 2
     app = create_app(model, tokenizer, model_id=args.model_id or args.model, max_tokens_limit=args.max_tokens_limit,
                      default_max_tokens=args.default_max_tokens)

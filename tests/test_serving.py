@@ -1,4 +1,4 @@
-"""helpers.api: the OpenAI-compatible server, called over real HTTP on a loopback port."""
+"""helpers.serving: the OpenAI-compatible server, called over real HTTP on a loopback port."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import httpx
 import pytest
 
-from helpers.api import (APIError, ChatMessage, ServerProcess, ServerThread, check_loopback, create_app,
+from helpers.serving import (APIError, ChatMessage, ServerProcess, ServerThread, check_loopback, create_app,
                          messages_to_turns)
 from helpers.chat import ChatSession
 from helpers.env import REPO_ROOT
@@ -164,7 +164,7 @@ def test_other_hosts_are_refused(host):
 
 def test_server_module_runs_as_a_process_and_stops(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    refused = subprocess.run([sys.executable, "-m", "helpers.api", "--host", "0.0.0.0"], capture_output=True,
+    refused = subprocess.run([sys.executable, "-m", "helpers.serving", "--host", "0.0.0.0"], capture_output=True,
                              text=True, cwd=REPO_ROOT, env=env, timeout=60)
     assert refused.returncode == 2 and "not a loopback address" in refused.stderr
     with pytest.raises(RuntimeError, match="--port must be in 1..65535"):  # a failed start shows the log

@@ -1,4 +1,4 @@
-"""helpers.evaluate: generation with left padding, the predictions file, accuracy and perplexity.
+"""helpers.generation: generation with left padding, the predictions file, accuracy and perplexity.
 
 Perplexity is checked against numbers worked out independently: a "model" whose next-token distribution is
 fixed, so the negative log-likelihood of each token can be written down, and the 🤗 model's own loss.
@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
-from helpers.evaluate import (choice_accuracy, generate, match_choice, normalize_answer, perplexity,
+from helpers.generation import (choice_accuracy, generate, match_choice, normalize_answer, perplexity,
                               predict_with_generate, read_predictions, score_predictions)
 from helpers.models import load_tokenizer
 

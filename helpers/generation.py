@@ -14,6 +14,7 @@ import unicodedata
 from pathlib import Path
 
 from .metrics import check_pairs, corpus_scores
+from .models import evaluating
 
 _PUNCTUATION = re.compile(r"[\s\u3000。，、；：？！,.;:?!\"'“”‘’（）()【】\[\]<>《》]+")
 
@@ -31,8 +32,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, bat
         raise TypeError("generate takes a list of prompts; wrap a single prompt in a list")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
@@ -43,19 +42,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, bat
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="generating", leave=False)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model, tokenizer), torch.no_grad():
         for start in batches:
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
-            with torch.no_grad():
-                ids = model.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
             new = ids[:, batch["input_ids"].shape[1]:]
             outputs += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
     return outputs
 
 
@@ -188,9 +181,7 @@ def perplexity(model, tokenizer, texts: list[str], prompts: list[str] | None = N
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model), torch.no_grad():
         for start in range(0, len(features), batch_size):
             batch = features[start:start + batch_size]
             width = max(len(ids) for ids, _ in batch)
@@ -201,14 +192,11 @@ def perplexity(model, tokenizer, texts: list[str], prompts: list[str] | None = N
                 input_ids[row, :len(ids)] = torch.tensor(ids)
                 labels[row, :len(labs)] = torch.tensor(labs)
                 mask[row, :len(ids)] = 1
-            with torch.no_grad():
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
             targets = labels[:, 1:].to(device)  # token t is predicted from the tokens before it
             total_nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
                                          ignore_index=IGNORE_INDEX, reduction="sum").item()
             total_tokens += int((targets != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
     if total_tokens == 0:
         raise ValueError("no tokens to predict: every text is a single token (or empty)")
     nll = total_nll / total_tokens
