@@ -47,7 +47,7 @@ def fixed_lengths(tokenizer, dataset) -> dict[str, int]:
     """max_source_length and max_target_length rounded up to LENGTH_STEPS from the data's longest prompt and label."""
     from helpers.prompts import lengths_from_data
 
-    measured = lengths_from_data(tokenizer, "promptcblue", dataset)
+    measured = lengths_from_data(tokenizer, dataset)
     return {key: -(-measured[key] // step) * step for key, step in LENGTH_STEPS.items()}
 
 
@@ -137,7 +137,7 @@ def run(quick: bool = True, model_name: str | None = None, out_dir: Path | None 
         raw = load_dataset(DATASET, split="train")
         fixed_to = fixed_lengths(tokenizer, raw)
         max_source, max_target = fixed_to["max_source_length"], fixed_to["max_target_length"]
-        examples = tokenize_dataset(raw, tokenizer, "promptcblue", max_source, max_target)
+        examples = tokenize_dataset(raw, tokenizer, max_source_length=max_source, max_target_length=max_target)
         blocks = pack(examples, size["seq_len"], pad, seed=seed)          # equal-length rows for the methods
         fixed = pad_to_length(examples, max_source + max_target, pad)
         packed = pack(examples, PACK_BLOCK, pad, seed=seed)
@@ -203,6 +203,9 @@ def run(quick: bool = True, model_name: str | None = None, out_dir: Path | None 
     return dict(common, gradient_checkpointing=ckpt, batching=batching, techniques=technique_rows)
 
 
+TABLES = ("methods", "batching", "techniques")
+
+
 def tables(results: dict):
     """The results as three pandas DataFrames: methods, batching, techniques."""
     import pandas as pd
@@ -248,9 +251,12 @@ def main(argv=None) -> dict:
     results = run(quick=args.quick, model_name=args.model, out_dir=out.parent / "runs", seed=args.seed,
                   methods=methods, techniques=not args.skip_techniques)
     results["seconds"] = time.perf_counter() - started
+    frames = tables(results)
+    # the tables as rows too, so that a reader of the JSON (notebook 08) shows them without importing this script
+    results["tables"] = {name: frame.to_dict(orient="records") for name, frame in zip(TABLES, frames)}
     out.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
     with pd.option_context("display.width", 200, "display.max_colwidth", 80):
-        for title, frame in zip(("Methods", "Batching", "Techniques (ratio = variant / baseline)"), tables(results)):
+        for title, frame in zip(("Methods", "Batching", "Techniques (ratio = variant / baseline)"), frames):
             if frame.empty:
                 continue
             print(f"\n{title}\n{frame.to_string(index=False)}")

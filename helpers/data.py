@@ -45,7 +45,8 @@ DATA_DIR = REPO_ROOT / "data"
 REGISTRY = DATA_DIR / "dataset_info.json"
 REGENERATE = "python data/generate.py"
 
-__all__ = ["DataFormatError", "FORMATS", "dataset_names", "dataset_info", "load_dataset", "read_records"]
+__all__ = ["DataFormatError", "FORMATS", "columns_of", "dataset_names", "dataset_info", "format_of", "load_dataset",
+           "read_records"]
 
 # format -> [(role, default column, kind, required)]. Kinds: "text" (non-empty string),
 # "str" (any string), "choices" (non-empty list of non-empty strings), "int", "turns".
@@ -62,6 +63,45 @@ FORMATS: dict[str, list[tuple[str, str, str, bool]]] = {
     "text": [("text", "text", "text", True)],
 }
 _DEFAULT_TAGS = {"user": "human", "assistant": "assistant"}
+
+
+def columns_of(format: str) -> dict[str, str]:
+    """role -> column name of one format, as `load_dataset` names them (e.g. alpaca: prompt -> 'instruction').
+
+    The one table of columns per format is FORMATS; this reads it. Taught in notebooks/00_setup_and_tour.ipynb.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
+    return {role: column for role, column, _, _ in FORMATS[format]}
+
+
+def format_of(dataset) -> str:
+    """The format of a dataset that `load_dataset` returned, read from its columns.
+
+    `load_dataset` gives every format its standard column names, and no two formats share their required
+    ones, so the dataset carries its format with it (through `select`, `shuffle`, splits): nothing later has
+    to be told "promptcblue" again. A DatasetDict answers for its splits, a row (a dict) for itself. Raises ValueError naming the columns
+    when they match no format, or more than one. Taught in notebooks/00_setup_and_tour.ipynb.
+    """
+    names = getattr(dataset, "column_names", None)
+    if names is None and isinstance(dataset, dict):  # one row: its keys
+        names = list(dataset)
+    if isinstance(names, dict):  # a DatasetDict: every split has the same format
+        found = {split: format_of(part) for split, part in dataset.items()}
+        if len(set(found.values())) != 1:
+            raise ValueError(f"the splits have different formats: {found}")
+        return next(iter(found.values()))
+    if names is None:
+        raise TypeError(f"format_of takes a 🤗 Dataset (from helpers.data.load_dataset) or one of its rows, "
+                        f"got {type(dataset).__name__}")
+    matches = [fmt for fmt, spec in FORMATS.items()
+               if all(column in names for _, column, _, required in spec if required)]
+    if len(matches) != 1:
+        wanted = "; ".join(f"{fmt}: {', '.join(c for _, c, _, r in spec if r)}" for fmt, spec in FORMATS.items())
+        found = "none" if not matches else " and ".join(matches)
+        raise ValueError(f"columns {', '.join(names) or '(none)'} match {found} of the course's formats "
+                         f"({wanted}); load the data with helpers.data.load_dataset, or pass fmt=...")
+    return matches[0]
 _WS = re.compile(r"[ \t\n\r]*")
 
 

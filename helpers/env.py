@@ -168,22 +168,26 @@ def environment_report(show: bool = True) -> dict[str, str]:
 
 
 def quiet_known_warnings() -> None:
-    """Silence three harmless notices that would otherwise clutter every notebook's outputs.
+    """Silence harmless notices that would otherwise clutter every notebook's outputs.
 
-    - peft 0.21 calls `is_gradient_checkpointing`, which transformers 5 deprecates (a FutureWarning);
-    - transformers draws a "Loading weights" progress bar for every `from_pretrained`;
+    - transformers 5 renamed gradient checkpointing to activation checkpointing and peft 0.21 still calls the
+      old names (`is_gradient_checkpointing`, ...), a FutureWarning each time;
+    - transformers draws a "Loading weights" progress bar for every `from_pretrained`, and 🤗 datasets one
+      for every `map` (the "tokenizing" bars);
     - DeepSpeed, imported by the Trainer, warns that it found no GPU: we tell it the CPU is meant
       (`DS_ACCELERATOR=cpu`) when there is no CUDA device.
-    Call it explicitly (every notebook's configuration cell does); importing helpers changes nothing.
-    Taught in notebooks/00_setup_and_tour.ipynb.
+    Call it explicitly (every notebook's configuration cell does, checked by tests/test_hygiene.py); importing
+    helpers changes nothing. Taught in notebooks/00_setup_and_tour.ipynb.
     """
     import warnings
 
+    import datasets
     import torch
     from transformers.utils import logging as hf_logging
 
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -246,3 +250,13 @@ if __name__ == "__main__":
         print(f"{build_deepspeed_cpu_op()} ({time.perf_counter() - started:.0f} s)")
     else:
         environment_report()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (the OS picks it): for a launcher's rendezvous
+    (notebooks/04_deepspeed_zero.ipynb) or a server (notebooks/07_export_chat_api.ipynb)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

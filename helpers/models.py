@@ -161,9 +161,14 @@ def _without_pickle(choice: ModelChoice) -> None:
     raise OSError(f"{choice.path} has a config.json but no *.safetensors weights: not a complete saved model")
 
 
+def _resolved(name, revision: str | None) -> ModelChoice:
+    """`name` resolved, unless it already is a ModelChoice (a caller that loads several things resolves once)."""
+    return name if isinstance(name, ModelChoice) else resolve_model(name, revision)
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "right", *, trust_remote_code: bool = False,
                    revision: str | None = None):
-    """The tokenizer of `name` (resolved as `resolve_model` does), with a pad token set.
+    """The tokenizer of `name` (resolved as `resolve_model` does, or a ModelChoice it returned), with a pad token set.
 
     padding_side: "right" for training, "left" for batched generation. trust_remote_code stays False
     unless you pass True with a pinned `revision` (a commit hash). Taught in notebooks/00_setup_and_tour.ipynb.
@@ -172,7 +177,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "right", *, tr
 
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    choice = resolve_model(name, revision)
+    choice = _resolved(name, revision)
     kwargs = {"local_files_only": offline(), **_remote_code_kwargs(choice, trust_remote_code, revision)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(choice.path, **kwargs)
@@ -195,6 +200,7 @@ def load_model(name: str = DEFAULT_MODEL, *, quantization: str | None = None, dt
 
     quantization: None, "nf4", "fp4" (4-bit) or "int8". head: "causal-lm" or
     "sequence-classification" (a reward model, `num_labels` outputs). Prints what was loaded and why.
+    `name` may also be the ModelChoice that `resolve_model` returned (resolved once for several loads).
     Weights are loaded from safetensors only (never unpickled); `trust_remote_code` stays False unless
     you pass True with a pinned `revision` (a commit hash).
     Taught in notebooks/00_setup_and_tour.ipynb; quantized loading in notebooks/02_qlora.ipynb.
@@ -211,7 +217,7 @@ def load_model(name: str = DEFAULT_MODEL, *, quantization: str | None = None, dt
     if head == "sequence-classification" and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
                                               or num_labels < 1):
         raise ValueError(f"num_labels must be a positive integer (1 for a reward model), got {num_labels!r}")
-    choice = resolve_model(name, revision)
+    choice = _resolved(name, revision)
     kwargs = {"local_files_only": offline(), "use_safetensors": True,
               **_remote_code_kwargs(choice, trust_remote_code, revision)}
     _without_pickle(choice)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .data import columns_of, format_of
+
 IGNORE_INDEX = -100
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n{input_block}### Response:\n"
-# The columns each format of data/dataset_info.json needs here (helpers.data names them so);
-# "alpaca" may also have an "input" column.
-PROMPT_RESPONSE_COLUMNS = {"promptcblue": ("input", "target"), "alpaca": ("instruction", "output"),
-                           "preference": ("prompt", "chosen")}
+# (prompt column, response column) of each prompt/response format, read from helpers.data.FORMATS, the one
+# table of columns ("alpaca" may also have a "query" column, "input"; a preference pair trains on "chosen").
+PROMPT_RESPONSE_COLUMNS = {fmt: (columns_of(fmt)["prompt"], columns_of(fmt).get("response") or columns_of(fmt)["chosen"])
+                           for fmt in ("promptcblue", "alpaca", "preference")}
 FORMATS = (*PROMPT_RESPONSE_COLUMNS, "conversation")
 
 
@@ -42,8 +44,13 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return ALPACA_TEMPLATE.format(instruction=instruction, input_block=input_block)
 
 
-def prompt_and_response(example: dict, fmt: str) -> tuple[str, str]:
-    """Split one dataset row into (prompt, response) for the formats of data/dataset_info.json."""
+def prompt_and_response(example: dict, fmt: str | None = None) -> tuple[str, str]:
+    """Split one dataset row into (prompt, response) for the formats of data/dataset_info.json.
+
+    fmt: by default read from the row's columns (helpers.data.format_of).
+    """
+    if fmt is None and isinstance(example, Mapping):
+        fmt = format_of(dict(example))
     if fmt in PROMPT_RESPONSE_COLUMNS:
         if not isinstance(example, Mapping):
             raise TypeError(f"{_a(fmt)} example must be a dict with columns {PROMPT_RESPONSE_COLUMNS[fmt]}, "
@@ -67,14 +74,16 @@ def prompt_and_response(example: dict, fmt: str) -> tuple[str, str]:
 
 
 def tokenize_prompt_response(tokenizer, prompt: str, response: str, max_source_length: int | None = None,
-                             max_target_length: int | None = None) -> dict[str, list[int]]:
+                             max_target_length: int | None = None, max_length: int | None = None) -> dict[str, list[int]]:
     """input_ids = prompt + response + EOS; labels = -100 on the prompt, the ids on response + EOS.
 
     A prompt longer than `max_source_length` is an error (cutting it would cut off the question's end,
-    "答：" included); a response is cut to `max_target_length` tokens, EOS included.
+    "答：" included); a response is cut to `max_target_length` tokens, EOS included. `max_length` caps the
+    whole example, cut from the right like a conversation; a prompt that leaves no response token is an error.
     """
     _check_length("max_source_length", max_source_length)
     _check_length("max_target_length", max_target_length)
+    _check_length("max_length", max_length)
     for name, text in (("prompt", prompt), ("response", response)):
         if not isinstance(text, str):
             raise TypeError(f"{name} must be a string, got {type(text).__name__}")
@@ -86,7 +95,10 @@ def tokenize_prompt_response(tokenizer, prompt: str, response: str, max_source_l
                          f"raise max_source_length or shorten the prompt ({prompt[:40]!r}...)")
     if max_target_length is not None:  # at least 1 (checked above): room for EOS
         target = target[: max_target_length - 1]
-    target = target + [tokenizer.eos_token_id]
+    if max_length is not None and len(source) >= max_length:
+        raise ValueError(f"prompt is {len(source)} tokens, which fills max_length={max_length} before the response "
+                         f"starts: nothing would be trained. Raise max_length or shorten the prompt ({prompt[:40]!r}...)")
+    target = (target + [tokenizer.eos_token_id])[: None if max_length is None else max_length - len(source)]
     return {"input_ids": source + target, "attention_mask": [1] * (len(source) + len(target)),
             "labels": [IGNORE_INDEX] * len(source) + target}
 
@@ -95,7 +107,7 @@ def tokenize_prompt_response(tokenizer, prompt: str, response: str, max_source_l
 ANSWER_ROOM = 3
 
 
-def lengths_from_data(tokenizer, fmt: str, *datasets) -> dict[str, int]:
+def lengths_from_data(tokenizer, *datasets, fmt: str | None = None) -> dict[str, int]:
     """Token lengths measured on the data with the tokenizer that loaded, never typed for one model.
 
     max_source_length: the longest prompt; max_target_length: the longest response + EOS (nothing is cut);
@@ -105,10 +117,14 @@ def lengths_from_data(tokenizer, fmt: str, *datasets) -> dict[str, int]:
     """
     if not datasets:
         raise ValueError("lengths_from_data needs at least one dataset")
+    if any(isinstance(dataset, str) for dataset in datasets):
+        raise TypeError("lengths_from_data(tokenizer, *datasets): pass datasets (their format is read from their "
+                        "columns), or the format by name: fmt='promptcblue'")
     prompts, responses = [], []
     for dataset in datasets:
+        dataset_fmt = fmt or format_of(dataset)
         for example in dataset:
-            prompt, response = prompt_and_response(example, fmt)
+            prompt, response = prompt_and_response(example, dataset_fmt)
             prompts.append(prompt)
             responses.append(response)
     if not prompts:
@@ -158,13 +174,15 @@ def tokenize_conversation(tokenizer, turns: list[dict], max_length: int | None =
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def tokenize_dataset(dataset, tokenizer, fmt: str, max_source_length: int | None = None,
+def tokenize_dataset(dataset, tokenizer, fmt: str | None = None, max_source_length: int | None = None,
                      max_target_length: int | None = None, max_length: int | None = None):
-    """Tokenize a whole 🤗 dataset of format `fmt` (see data/dataset_info.json), dropping its text columns.
+    """Tokenize a whole 🤗 dataset (from helpers.data.load_dataset), dropping its text columns.
 
-    fmt: "promptcblue", "alpaca", "preference" (prompt + chosen) or "conversation"; the dataset must
-    have that format's columns (helpers.data.load_dataset gives them).
+    fmt: by default read from the dataset's columns (helpers.data.format_of); "promptcblue", "alpaca",
+    "preference" (prompt + chosen) or "conversation". max_length caps every example (all formats);
+    max_source_length / max_target_length are for the prompt/response formats.
     """
+    fmt = fmt or format_of(dataset)
     if fmt not in FORMATS:
         raise ValueError(f"tokenize_dataset supports formats {', '.join(FORMATS)}, got {fmt!r} "
                          "('text' has no prompt and response: it is for pretraining, not fine-tuning)")
@@ -180,7 +198,7 @@ def tokenize_dataset(dataset, tokenizer, fmt: str, max_source_length: int | None
         fn = lambda ex: tokenize_conversation(tokenizer, ex["conversation"], max_length)  # noqa: E731
     else:
         fn = lambda ex: tokenize_prompt_response(tokenizer, *prompt_and_response(ex, fmt),  # noqa: E731
-                                                 max_source_length, max_target_length)
+                                                 max_source_length, max_target_length, max_length)
     return dataset.map(fn, remove_columns=dataset.column_names, desc="tokenizing")
 
 

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .chat import ASSISTANT, HUMAN, Generation, conversation_prompt_ids, stream_generate
+from .env import free_port
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -251,13 +251,6 @@ def check_loopback(host: str) -> str:
                          f"only listens on {', '.join(LOOPBACK_HOSTS)}. Put a proxy with authentication in front "
                          "to expose it.")
     return host
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:

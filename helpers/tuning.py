@@ -6,7 +6,7 @@ and a cache so that later notebooks reuse the same runs instead of training agai
 
 Methods: "lora" (notebooks/01_lora_basics.ipynb), "qlora" (notebooks/02_qlora.ipynb), and
 "ptuning-v2", "freeze", "full" (notebooks/03_ptuning_and_methods.ipynb), which compares all of them and
-teaches `train_or_load`; notebooks 06 and 08 reuse its runs. The 🤗 Trainer does the loop; this module
+teaches `train_or_load`; notebook 06 reuses its runs. The 🤗 Trainer does the loop; this module
 only prepares the model, measures the run and keeps it.
 """
 from __future__ import annotations
@@ -186,6 +186,38 @@ def expected_training_time(model, batch: dict, steps: int, gradient_accumulation
     return per_step
 
 
+def training_arguments(output_dir, *, max_steps: int, learning_rate: float, batch_size: int = 8,
+                       gradient_accumulation_steps: int = 1, seed: int = 42, logging_steps: int = 5,
+                       save_steps: int | None = None, save_total_limit: int | None = 2, optim: str = "adamw_torch",
+                       lr_scheduler_type: str = "cosine", warmup_steps: int | None = None, max_grad_norm: float = 1.0,
+                       gradient_checkpointing: bool = False, group_by_length: bool = False, quiet: bool = True,
+                       **more):
+    """The course's 🤗 `TrainingArguments`, one recipe for `finetune` and scripts/train_lora.py.
+
+    Cosine schedule with a warm-up of max_steps // 20 (at least 1) unless `warmup_steps` says, no weight decay,
+    the data order seeded like the weights, checkpoints only when `save_steps` is given, the CPU when there is
+    no CUDA GPU, and nothing reported anywhere. `more` goes to `TrainingArguments` as it is (deepspeed=, fp16=,
+    bf16=, ddp_find_unused_parameters=, ...). Taught in notebooks/01_lora_basics.ipynb.
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+        lr_scheduler_type=lr_scheduler_type, warmup_steps=max(1, max_steps // 20) if warmup_steps is None else warmup_steps,
+        weight_decay=0.0, logging_steps=min(logging_steps, max_steps),
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=save_total_limit,
+        seed=seed, data_seed=seed, optim=optim, report_to="none", use_cpu=not torch.cuda.is_available(),
+        # transformers 5 renamed gradient_checkpointing to activation_checkpointing, replaced
+        # `group_by_length=True` by this sampler choice, and always saves weights as safetensors
+        # (the old `save_safetensors` flag is gone).
+        activation_checkpointing=gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        remove_unused_columns=False, disable_tqdm=quiet, dataloader_num_workers=0,
+        max_grad_norm=max_grad_norm, **more)
+
+
 def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAULT_MODEL, max_steps: int = 60,
              batch_size: int = 8, gradient_accumulation_steps: int = 1, learning_rate: float | None = None,
              seed: int = 42, logging_steps: int = 5, save_steps: int | None = None, save_total_limit: int | None = 2,
@@ -201,7 +233,7 @@ def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAUL
     measured step (`expected_training_time`; the run itself is unchanged).
     """
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -225,19 +257,12 @@ def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAUL
         tokens_seen[0] += int(batch["attention_mask"].sum())
         return batch
 
-    args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate or DEFAULT_LR[method],
-        lr_scheduler_type="cosine", warmup_steps=max(1, max_steps // 20), weight_decay=0.0,
-        logging_steps=min(logging_steps, max_steps), save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        save_total_limit=save_total_limit, seed=seed, data_seed=seed, optim=optim, report_to="none",
-        use_cpu=not cuda, activation_checkpointing=gradient_checkpointing and method != "ptuning-v2",
-        # transformers 5 renamed gradient_checkpointing to activation_checkpointing, replaced
-        # `group_by_length=True` by this sampler choice, and always saves weights as safetensors
-        # (the old `save_safetensors` flag is gone).
-        train_sampling_strategy="group_by_length" if group_by_length else "random",
-        remove_unused_columns=False, disable_tqdm=quiet, dataloader_num_workers=0,
-        max_grad_norm=max_grad_norm)  # the QLoRA paper clips at 0.3 (notebooks/02_qlora.ipynb)
+    args = training_arguments(
+        output_dir, max_steps=max_steps, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=learning_rate or DEFAULT_LR[method], seed=seed, logging_steps=logging_steps,
+        save_steps=save_steps, save_total_limit=save_total_limit, optim=optim,
+        gradient_checkpointing=gradient_checkpointing and method != "ptuning-v2", group_by_length=group_by_length,
+        quiet=quiet, max_grad_norm=max_grad_norm)  # the QLoRA paper clips at 0.3 (notebooks/02_qlora.ipynb)
     # Saved checkpoints get a completion marker, so a run killed mid-save never resumes from a
     # half-written folder; `resume_from_checkpoint=True` means the latest *complete* one.
     from .checkpoints import CompleteCheckpointCallback, latest_complete_checkpoint
@@ -274,8 +299,8 @@ def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAUL
 
 
 # --- Training once, reusing everywhere (taught in notebooks/03_ptuning_and_methods.ipynb) ----------
-# Notebook 03 trains every method once; notebooks 06 (BLEU/ROUGE) and 08 (speed and memory) call
-# `train_or_load` with the same arguments and get the same runs back from outputs/cache/.
+# Notebook 03 trains every method once; notebook 06 (BLEU/ROUGE) calls `train_or_load` with the same
+# arguments (comparison_arguments) and gets the same runs back from outputs/cache/.
 CACHE_VERSION = 1  # bump when a change to the training code makes older cached runs stale
 TRAIN_OR_LOAD_DEFAULTS = {
     # promptcblue_ctc prompts are 60-110 tokens with the course tokenizer; 256 leaves room for other
@@ -287,7 +312,7 @@ TRAIN_OR_LOAD_DEFAULTS = {
 ADAPTER_METHODS = ("lora", "qlora", "ptuning-v2")  # saved as peft adapters; freeze/full as whole models
 _NOT_CACHE_ARGUMENTS = {"output_dir", "model", "tokenizer", "resume_from_checkpoint"}
 # The comparison's optimizer steps: at test size (the smoke run) and at a learner's size. Notebook 03
-# trains with these; 06 and 08 pass the same value to `train_or_load` and get the same runs back.
+# trains with these; 06 passes the same value to `train_or_load` and gets the same runs back.
 # 120 at test size: at 60, Freeze and P-Tuning v2 sometimes still gave one answer to every question (a knife
 # edge that fell differently on different CPUs); the sweep in lessons/03_ptuning_and_methods.md is at 120.
 COMPARISON_STEPS = {"smoke": 120, "learner": 300}
@@ -299,11 +324,28 @@ def comparison_steps(smoke: bool) -> int:
 
     COURSE_MAX_STEPS caps it (helpers.env.capped_steps).
 
-    Taught in notebooks/03_ptuning_and_methods.ipynb; notebooks 06 and 08 reuse its runs with it.
+    Taught in notebooks/03_ptuning_and_methods.ipynb; notebook 06 reuses its runs with it.
     """
     from .env import capped_steps
 
     return capped_steps(COMPARISON_STEPS["smoke" if smoke else "learner"])
+
+
+# The rest of the comparison's training settings, as notebook 03's configuration cell shows them.
+COMPARISON = {"dataset": "promptcblue_ctc", "model_name": DEFAULT_MODEL, "batch_size": 8, "lora_r": 8,
+              "pre_seq_len": 16, "num_trainable_layers": 2}
+
+
+def comparison_arguments(smoke: bool) -> dict:
+    """`train_or_load`'s arguments (besides the method) of notebook 03's comparison, once for every notebook that
+    reuses its saved runs: the cache finds a run only when every argument is equal (notebook 06 passes these).
+
+    The seed is COMPARISON_SEED unless COURSE_SEED says (helpers.env.course_seed), as in notebook 03.
+    Taught in notebooks/03_ptuning_and_methods.ipynb.
+    """
+    from .env import course_seed
+
+    return {**COMPARISON, "max_steps": comparison_steps(smoke), "seed": course_seed(COMPARISON_SEED)}
 
 
 def cache_root():
@@ -319,15 +361,12 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _model_fingerprint(model_name: str) -> dict:
-    """What identifies the base model: its resolved location and, for a local folder of at most
-    512 MiB (the stand-in), the SHA-256 of its config and weights, so a rebuilt stand-in is a new key."""
+def _model_fingerprint(choice) -> dict:
+    """What identifies the base model (a helpers.models.ModelChoice): its resolved location and, for a local folder
+    of at most 512 MiB (the stand-in), the SHA-256 of its config and weights, so a rebuilt stand-in is a new key."""
     from pathlib import Path
 
-    from .models import resolve_model
-
-    choice = resolve_model(model_name)
-    fingerprint = {"requested": model_name, "path": choice.path, "standin": choice.standin}
+    fingerprint = {"requested": choice.requested, "path": choice.path, "standin": choice.standin}
     folder = Path(choice.path)
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
@@ -371,7 +410,17 @@ def cache_key(method: str, *, dataset: str = "promptcblue_ctc", max_steps: int =
     The hash covers the method, the dataset's training rows, the base model's files, the tokenization
     lengths and every effective training argument (defaults included), and CACHE_VERSION.
     """
+    return _cache_key(method, _load_split(dataset, "train"), dataset=dataset, max_steps=max_steps, seed=seed,
+                      **finetune_kwargs)
+
+
+def _cache_key(method: str, rows, *, dataset: str, max_steps: int, seed: int, choice=None,
+               **finetune_kwargs) -> tuple[str, dict]:
+    """cache_key of the training rows already loaded and the model already resolved (train_or_load does each once,
+    for the key and to train)."""
     import json
+
+    from .models import resolve_model
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -384,10 +433,10 @@ def cache_key(method: str, *, dataset: str = "promptcblue_ctc", max_steps: int =
     lengths = {k: finetune_kwargs.pop(k, default) for k, default in TRAIN_OR_LOAD_DEFAULTS.items()}
     model_name = finetune_kwargs.get("model_name", DEFAULT_MODEL)
     arguments = _effective_arguments(method, max_steps, seed, finetune_kwargs)
-    rows = _load_split(dataset, "train")
     described = {"version": CACHE_VERSION, "method": method, "dataset": dataset,
                  "dataset_sha256": _digest(json.dumps(rows.to_list(), ensure_ascii=False, sort_keys=True).encode())[:16],
-                 "model": _model_fingerprint(model_name), "lengths": lengths, "arguments": arguments}
+                 "model": _model_fingerprint(choice or resolve_model(model_name)), "lengths": lengths,
+                 "arguments": arguments}
     key = _digest(json.dumps(described, sort_keys=True, default=str).encode())[:12]
     return f"{method}-{key}", described
 
@@ -398,18 +447,17 @@ def _load_split(dataset: str, split: str):
     return load_dataset(dataset, split=split)
 
 
-def _tokenized_train_split(dataset: str, tokenizer, max_source_length: int, max_target_length: int):
-    from .data import dataset_info
+def _tokenized_train_split(rows, tokenizer, max_source_length: int, max_target_length: int):
+    """The training rows tokenized in their own format (read from their columns: helpers.data.format_of)."""
     from .prompts import tokenize_dataset
 
     from datasets.utils import logging as datasets_logging
 
-    fmt = dataset_info(dataset)["format"]
     shown = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()  # no "tokenizing" bar in the middle of a notebook's table
     try:
-        return tokenize_dataset(_load_split(dataset, "train"), tokenizer, fmt, max_source_length,
-                                max_target_length, max_length=max_source_length + max_target_length)
+        return tokenize_dataset(rows, tokenizer, max_source_length=max_source_length,
+                                max_target_length=max_target_length)
     finally:
         if shown:
             datasets_logging.enable_progress_bar()
@@ -429,9 +477,10 @@ def _is_complete(folder) -> bool:
     return bool(info.get("weights")) and all((folder / name).is_file() for name in info["weights"])
 
 
-def load_cached_run(folder, *, verbose: bool = False):
+def load_cached_run(folder, *, verbose: bool = False, choice=None):
     """Load a run that `train_or_load` saved: (model, tokenizer, info). Adapters are put back on their
-    base model (4-bit NF4 for qlora); freeze/full runs are whole models. The model is in eval mode."""
+    base model (4-bit NF4 for qlora); freeze/full runs are whole models. The model is in eval mode.
+    `choice`: the base model already resolved (helpers.models.ModelChoice), else its name in info.json is."""
     import json
     from pathlib import Path
 
@@ -442,6 +491,8 @@ def load_cached_run(folder, *, verbose: bool = False):
         raise FileNotFoundError(f"{folder} is not a complete train_or_load run (no info.json, or weights missing)")
     info = json.loads((folder / "info.json").read_text())
     method, model_name = info["method"], info["arguments"]["model_name"]
+    if choice is not None and choice.requested == model_name:
+        model_name = choice
     tokenizer = load_tokenizer(model_name)
     if method in ADAPTER_METHODS:
         from peft import PeftModel
@@ -483,7 +534,7 @@ def train_or_load(method: str, *, dataset: str = "promptcblue_ctc", max_steps: i
     back from that folder, so a fresh run and a cached one behave the same. info["from_cache"] says
     which happened; info["path"] where it lives.
 
-    Notebook 03 trains the comparison; 06 and 08 reuse it by passing the same arguments.
+    Notebook 03 trains the comparison; 06 reuses it by passing the same arguments (comparison_arguments).
     Taught in notebooks/03_ptuning_and_methods.ipynb.
     """
     import json
@@ -493,10 +544,15 @@ def train_or_load(method: str, *, dataset: str = "promptcblue_ctc", max_steps: i
     from datetime import datetime, timezone
 
     lengths = {k: finetune_kwargs.get(k, default) for k, default in TRAIN_OR_LOAD_DEFAULTS.items()}
-    name, described = cache_key(method, dataset=dataset, max_steps=max_steps, seed=seed, **finetune_kwargs)
+    from .models import resolve_model
+
+    rows = _load_split(dataset, "train")  # loaded once: for the key and to train
+    choice = resolve_model(finetune_kwargs.get("model_name", DEFAULT_MODEL))  # resolved once for every load below
+    name, described = _cache_key(method, rows, dataset=dataset, max_steps=max_steps, seed=seed, choice=choice,
+                                 **finetune_kwargs)
     folder = cache_root() / name
     if folder.exists() and not retrain and _is_complete(folder):
-        model, tokenizer, info = load_cached_run(folder, verbose=verbose)
+        model, tokenizer, info = load_cached_run(folder, verbose=verbose, choice=choice)
         info.update(from_cache=True, path=str(folder))
         if verbose:
             print(f"{method}: loaded the saved run {folder.name} (trained {info['created']})")
@@ -504,8 +560,9 @@ def train_or_load(method: str, *, dataset: str = "promptcblue_ctc", max_steps: i
 
     train_kwargs = {k: v for k, v in finetune_kwargs.items() if k not in TRAIN_OR_LOAD_DEFAULTS}
     quiet = train_kwargs.pop("quiet", not verbose)
-    tokenizer = load_tokenizer(train_kwargs.get("model_name", DEFAULT_MODEL))
-    train_set = _tokenized_train_split(dataset, tokenizer, **lengths)
+    train_kwargs["model_name"] = choice
+    tokenizer = load_tokenizer(choice)
+    train_set = _tokenized_train_split(rows, tokenizer, **lengths)
     cache_root().mkdir(parents=True, exist_ok=True)
     tmp = cache_root() / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
@@ -540,7 +597,7 @@ def train_or_load(method: str, *, dataset: str = "promptcblue_ctc", max_steps: i
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    model, tokenizer, info = load_cached_run(folder, verbose=verbose)
+    model, tokenizer, info = load_cached_run(folder, verbose=verbose, choice=choice)
     info.update(from_cache=False, path=str(folder))
     if verbose:
         print(f"{method}: trained {info['steps']} steps in {info['seconds']:.1f} s and saved {folder.name}")

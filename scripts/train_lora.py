@@ -26,9 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a clone that is not pip-installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from helpers.models import DEFAULT_MODEL  # noqa: E402  (light import: no torch yet)
-
-FORMATS = ("promptcblue", "alpaca", "preference")  # the prompt/response formats of helpers.prompts
+from helpers.models import DEFAULT_MODEL  # noqa: E402  (light imports: no torch yet)
+from helpers.prompts import PROMPT_RESPONSE_COLUMNS  # noqa: E402  (the prompt/response formats it trains)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning_rate", type=float, default=2e-3,
                        help="fits the course's tiny model; the training kit used 2e-4 on 6-12B models")
     train.add_argument("--lr_scheduler_type", default="cosine")
+    train.add_argument("--optim", default="adamw_torch_fused",
+                       help="🤗 TrainingArguments' default; helpers.tuning.finetune uses adamw_torch (the same AdamW, unfused)")
     train.add_argument("--warmup_steps", type=int, default=None, help="default: max_steps // 10, as notebook 01")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help='what "gradient_clipping": "auto" becomes')
     train.add_argument("--seed", type=int, default=42)
@@ -110,9 +111,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.dataset not in dataset_names():
         parser.error(f"--dataset {args.dataset!r} is unknown; known: {', '.join(dataset_names())}")
     fmt = dataset_info(args.dataset)["format"]
-    if fmt not in FORMATS:
+    if fmt not in PROMPT_RESPONSE_COLUMNS:
         parser.error(f"--dataset {args.dataset!r} has format {fmt!r}; this script trains the prompt/response "
-                     f"formats {', '.join(FORMATS)}")
+                     f"formats {', '.join(PROMPT_RESPONSE_COLUMNS)}")
 
 
 def engine(deepspeed_config: str | None, world_size: int) -> str:
@@ -129,12 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
     import transformers
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
-    from helpers.data import dataset_info, load_dataset
+    from helpers.data import load_dataset
     from helpers.models import count_parameters, load_model, load_tokenizer
     from helpers.prompts import collator, lengths_from_data, tokenize_dataset
-    from helpers.tuning import prepare_model
+    from helpers.tuning import prepare_model, training_arguments
 
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -148,18 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
         transformers.logging.set_verbosity_error()
 
     # TrainingArguments first: with deepspeed=... it fills the config's "auto" values from these arguments.
-    training_args = TrainingArguments(
-        output_dir=args.output_dir, deepspeed=args.deepspeed, use_cpu=not cuda,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=args.max_steps,
-        learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler_type,
+    # helpers.tuning.training_arguments: the recipe finetune uses, plus what launching adds.
+    training_args = training_arguments(
+        args.output_dir, max_steps=args.max_steps, batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type, optim=args.optim,
         warmup_steps=args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps,
-        weight_decay=0.0, max_grad_norm=args.max_grad_norm, seed=args.seed, data_seed=args.seed,
-        logging_steps=args.logging_steps, save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500, fp16=args.fp16, bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,  # was gradient_checkpointing before transformers 5
-        ddp_find_unused_parameters=args.ddp_find_unused_parameters == "true",
-        remove_unused_columns=False, report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+        max_grad_norm=args.max_grad_norm, seed=args.seed, logging_steps=args.logging_steps,
+        save_steps=args.save_steps, save_total_limit=None, gradient_checkpointing=args.gradient_checkpointing,
+        deepspeed=args.deepspeed, fp16=args.fp16, bf16=args.bf16,
+        ddp_find_unused_parameters=args.ddp_find_unused_parameters == "true")
     # Asking for the device sets up the process group now (gloo on CPU, NCCL on GPUs), from the variables the
     # launcher set: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
     training_args.device  # noqa: B018
@@ -180,12 +179,12 @@ def main(argv: list[str] | None = None) -> dict:
         train = load_dataset(args.dataset, split="train")
         if args.max_train_samples:
             train = train.select(range(min(args.max_train_samples, len(train))))
-        fmt = dataset_info(args.dataset)["format"]
         if args.max_source_length is None or args.max_target_length is None:  # measured, as notebook 01 does
-            measured = lengths_from_data(tokenizer, fmt, train)
+            measured = lengths_from_data(tokenizer, train)  # the format travels with the data's columns
             args.max_source_length = args.max_source_length or measured["max_source_length"]
             args.max_target_length = args.max_target_length or measured["max_target_length"]
-        train = tokenize_dataset(train, tokenizer, fmt, args.max_source_length, args.max_target_length)
+        train = tokenize_dataset(train, tokenizer, max_source_length=args.max_source_length,
+                                 max_target_length=args.max_target_length)
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=collator(tokenizer))
     started = time.perf_counter()

@@ -9,8 +9,8 @@ the same `train` function and compares against an uninterrupted run:
 It prints `STEP n` after every optimizer step and `SAVED n` once checkpoint-n is complete (flushed), so
 the test can time its kill. `--stall-in-save n` makes the process hang while it writes checkpoint-n:
 after the adapter weights, in the middle of optimizer.pt (half of its bytes are on disk), which is where
-a SIGKILL then lands. The other tests import `build_tiny_model`, `tiny_tokenizer` and `tiny_dataset`
-(a random GPT-NeoX of a few thousand parameters, so nothing waits for the course's stand-in).
+a SIGKILL then lands. The base model is tests/conftest.py's tiny random GPT-NeoX (fixture `tiny_model_dir`),
+and the tokenizer and data are tests/_tiny.py's, so nothing waits for the course's stand-in.
 """
 from __future__ import annotations
 
@@ -22,49 +22,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+TESTS = str(Path(__file__).resolve().parent)  # on sys.path already when run as a script or under pytest
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
-VOCAB = 96
-# GPT-NeoX like Pythia (rotary on a quarter of each head, parallel residual), small for testing efficiency.
-TINY_CONFIG = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                   max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
-                   bos_token_id=0, eos_token_id=0, pad_token_id=1)
-
-
-def build_tiny_model(folder, seed: int = 0, **overrides) -> Path:
-    """Save a randomly initialised tiny GPT-NeoX (safetensors) to `folder` and return it."""
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**{**TINY_CONFIG, **overrides}))
-    model.save_pretrained(folder)
-    return Path(folder)
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over VOCAB tokens `t0 … t95` (t0 = EOS/BOS, t1 = padding), space separated."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t2"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t0", bos_token="t0", pad_token="t1", unk_token="t2")
-
-
-def tiny_dataset(n: int = 48, seed: int = 0):
-    """`n` tokenized examples of 6-14 tokens: a 'prompt' whose labels are -100, then a trained 'response'."""
-    import random
-
-    import datasets
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 8))]
-        response = [(t * 7) % (VOCAB - 3) + 3 for t in prompt[:3]] + [0]  # learnable from the prompt
-        rows.append({"input_ids": prompt + response, "attention_mask": [1] * (len(prompt) + len(response)),
-                     "labels": [-100] * len(prompt) + response})
-    return datasets.Dataset.from_list(rows)
+from _tiny import tiny_dataset, tiny_tokenizer  # noqa: E402
 
 
 def _stall_inside(step: int, out_dir: Path) -> None:

@@ -1,13 +1,12 @@
 """Clear on bad input: every public helper that takes a path, a dataset name, a model name, a configuration
 or a prompt rejects an invalid value with an error that says what was wrong and what is allowed.
 
-One test per case. Models are a tiny random GPT-NeoX (tests/_train_for_kill.py), so nothing waits for
+One test per case. Models are a tiny random GPT-NeoX (tests/conftest.py), so nothing waits for
 the course's stand-in. The fuzz test at the end feeds byte-level corruptions of the course's own data
 files through `load_dataset` and on to `tokenize_dataset` (tests/test_data.py fuzzes the JSON structure).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import sys
@@ -21,19 +20,12 @@ from helpers.models import load_model, load_tokenizer, lora_target_modules, reso
 from helpers.prompts import (collator, prompt_and_response, tokenize_conversation, tokenize_dataset,
                              tokenize_prompt_response)
 
-_spec = importlib.util.spec_from_file_location("_train_for_kill", Path(__file__).with_name("_train_for_kill.py"))
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+from _tiny import tiny_dataset, tiny_tokenizer  # tests/_tiny.py; the model is conftest's `tiny_model_dir`
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny.tiny_tokenizer()
+    return tiny_tokenizer()
 
 
 # --- paths -------------------------------------------------------------------------------------------
@@ -209,7 +201,7 @@ def test_unknown_training_method():
     from helpers.tuning import finetune
 
     with pytest.raises(ValueError, match=r"method must be one of \('lora', 'qlora', 'ptuning-v2', 'freeze', 'full'\)"):
-        finetune("sft", tiny.tiny_dataset(4), output_dir="unused")
+        finetune("sft", tiny_dataset(4), output_dir="unused")
 
 
 def test_untokenized_dataset_for_finetune():
@@ -326,7 +318,7 @@ def test_dataset_without_the_columns_of_its_format(tokenizer):
 
 
 def test_collator_needs_a_pad_token(tokenizer):
-    bare = tiny.tiny_tokenizer()
+    bare = tiny_tokenizer()
     bare.pad_token = None
     with pytest.raises(ValueError, match="no pad token.*set tokenizer.pad_token"):
         collator(bare)

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from helpers.generation import (choice_accuracy, generate, match_choice, normalize_answer, perplexity,
@@ -25,14 +24,9 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tokenizer):
+def tiny_model(tiny_neox, tokenizer):
     """A random 2-layer GPT-NeoX, small for testing speed; its answers are gibberish but deterministic."""
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, rotary_pct=0.25, max_position_embeddings=256,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
-    return GPTNeoXForCausalLM(config).eval()
+    return tiny_neox(tokenizer=tokenizer, num_attention_heads=4, max_position_embeddings=256).eval()
 
 
 class FixedDistribution(nn.Module):

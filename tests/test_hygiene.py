@@ -30,8 +30,9 @@ def _cells(path):
     return json.loads(path.read_text())["cells"]
 
 
-def test_there_are_notebooks():
-    assert len(NOTEBOOKS) >= 2
+def test_the_notebooks_are_numbered_from_00_without_gaps():
+    assert [path.name[:2] for path in NOTEBOOKS] == [f"{n:02d}" for n in range(len(NOTEBOOKS))]
+    assert len(NOTEBOOKS) >= 9  # README's table lists nine; test_readme_table_lists_every_notebook_in_order pairs them
 
 
 def _as_git_holds_it(path: Path) -> str:
@@ -52,6 +53,27 @@ def _unstripped_cells(notebook_text: str) -> list[int]:
     cells = json.loads(notebook_text)["cells"]
     return [i for i, cell in enumerate(cells)
             if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_the_course_template(path):
+    """CONTRIBUTING.md's opening: title and badge, the setup cell, the environment report, then `## Configuration`
+    and its cell, which silences the known notices, sets SMOKE and names the course's model as a reader types it."""
+    from helpers.models import DEFAULT_MODEL
+
+    cells = _cells(path)
+    text = ["".join(cell["source"]) for cell in cells]
+    code = [i for i, cell in enumerate(cells) if cell["cell_type"] == "code"]
+    assert cells[0]["cell_type"] == "markdown" and text[0].startswith(f"# {path.name[:2]} · "), text[0][:80]
+    assert "colab-badge" in text[0]
+    assert text[code[0]].startswith("# Setup:"), "the first code cell is the setup cell"
+    assert "environment_report()" in text[code[1]], "the second code cell reports the environment"
+    heading = code[2] - 1
+    assert cells[heading]["cell_type"] == "markdown" and text[heading].startswith("## Configuration"), (
+        "the third code cell is the configuration, right after a '## Configuration' heading")
+    config = text[code[2]]
+    assert "quiet_known_warnings()" in config and "SMOKE = smoke()" in config
+    assert f'"{DEFAULT_MODEL}"' in config, f"the configuration names the model as {DEFAULT_MODEL!r}, written out"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

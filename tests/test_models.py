@@ -112,14 +112,10 @@ def test_parameter_table_adds_up():
     assert abs(table["share_%"].sum() - 100) < 0.1
 
 
-def test_a_float16_checkpoint_loads_in_float32_on_a_cpu(tmp_path):
+def test_a_float16_checkpoint_loads_in_float32_on_a_cpu(tmp_path, tiny_neox):
     # Pythia's Hub checkpoints are stored in float16 and transformers 5 keeps the stored dtype by default; on a CPU
     # the course loads float32 (float16 there is slow, lossy for training, and clashes with float32 adapters).
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    config = GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=32)
-    GPTNeoXForCausalLM(config).to(torch.float16).save_pretrained(tmp_path / "fp16")
+    tiny_neox().to(torch.float16).save_pretrained(tmp_path / "fp16")
     assert {p.dtype for p in models.load_model(str(tmp_path / "fp16"), verbose=False).parameters()} == {torch.float32}
     kept = models.load_model(str(tmp_path / "fp16"), dtype=torch.float16, verbose=False)  # asked for: kept
     assert {p.dtype for p in kept.parameters()} == {torch.float16}

@@ -142,14 +142,7 @@ LOADS_THE_COURSE_MODEL = [p for p in NOTEBOOKS if re.search(r"(load_model|resolv
                                                                _code(p))]
 
 
-# Gaps in notebooks other engineers own, reported to the lead; strict, so a fix turns them into failures
-# that say to remove the entry.
-SILENT_NOTEBOOKS: dict[str, str] = {}
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=SILENT_NOTEBOOKS[p.name]))
-                                  if p.name in SILENT_NOTEBOOKS else p for p in LOADS_THE_COURSE_MODEL],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", LOADS_THE_COURSE_MODEL, ids=lambda p: p.name)
 def test_notebooks_that_load_the_course_model_say_which_model_they_got(path):
     code = _code(path)
     loud = [args for args in re.findall(r"load_model\(([^()]*(?:\([^()]*\))?[^()]*)\)", code) if "verbose=False" not in args]

@@ -84,11 +84,11 @@ def test_lengths_from_the_data_fit_pythias_tokenizer():
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     train = load_dataset("promptcblue_ctc", split="train")
-    lengths = lengths_from_data(tokenizer, "promptcblue", train)
+    lengths = lengths_from_data(tokenizer, train)
     assert lengths["max_source_length"] > 128 and lengths["max_target_length"] == 9  # the stand-in's 128/8 would fail
-    features = tokenize_dataset(train, tokenizer, "promptcblue", lengths["max_source_length"],
-                                lengths["max_target_length"])
-    full = tokenize_dataset(train, tokenizer, "promptcblue")
+    features = tokenize_dataset(train, tokenizer, max_source_length=lengths["max_source_length"],
+                                max_target_length=lengths["max_target_length"])
+    full = tokenize_dataset(train, tokenizer)
     assert features["labels"] == full["labels"]  # nothing was cut
 
 

@@ -147,20 +147,17 @@ def test_ppo_config_validates():
 
 # --- a tiny model end to end ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_neox):
     """A 7-word tokenizer and a one-layer GPT-NeoX: fast, and sampled words are whole words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<eos>": 0, "<pad>": 1, "a": 2, "b": 3, "c": 4, "d": 5, "q": 6}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="q"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=32, max_position_embeddings=64, pad_token_id=1, eos_token_id=0,
-                           bos_token_id=0)
-    return tokenizer, GPTNeoXForCausalLM(config).eval()
+    model = tiny_neox(vocab_size=7, hidden_size=16, num_hidden_layers=1, intermediate_size=32)  # pad 1, eos 0 as here
+    return tokenizer, model.eval()
 
 
 def test_value_head_starts_at_zero(tiny):

@@ -79,7 +79,7 @@ def test_lengths_from_data_fit_the_longest_prompt_and_label(tokenizer):
 
     rows = Dataset.from_list([{"input": "判断类别：年龄\n答：", "target": "年龄"},
                               {"input": "判断类别：吸烟状况与饮酒史\n答：", "target": "吸烟状况"}])
-    lengths = lengths_from_data(tokenizer, "promptcblue", rows)
+    lengths = lengths_from_data(tokenizer, rows, fmt="promptcblue")  # these rows lack answer_choices: named
     prompts = [len(tokenizer(r["input"], add_special_tokens=False)["input_ids"]) for r in rows]
     label = len(tokenizer("吸烟状况", add_special_tokens=False)["input_ids"])
     assert lengths == {"max_source_length": max(prompts), "max_target_length": label + 1,
@@ -87,4 +87,47 @@ def test_lengths_from_data_fit_the_longest_prompt_and_label(tokenizer):
     cut = tokenize_dataset(rows, tokenizer, "promptcblue", lengths["max_source_length"], lengths["max_target_length"])
     assert cut["labels"] == tokenize_dataset(rows, tokenizer, "promptcblue")["labels"]  # nothing refused, nothing cut
     with pytest.raises(ValueError, match="at least one dataset"):
-        lengths_from_data(tokenizer, "promptcblue")
+        lengths_from_data(tokenizer, fmt="promptcblue")
+    with pytest.raises(TypeError, match="fmt="):
+        lengths_from_data(tokenizer, "promptcblue", rows)  # the old order says how to call it now
+
+
+def test_a_loaded_dataset_carries_its_format_in_its_columns():
+    from helpers.data import FORMATS, columns_of, dataset_info, dataset_names, format_of, load_dataset
+
+    for name in dataset_names():
+        info = dataset_info(name)
+        split = "train" if isinstance(info["file_name"], str) or "train" in info["file_name"] else next(iter(info["file_name"]))
+        assert format_of(load_dataset(name, split=split)) == info["format"], name
+    assert format_of(load_dataset("alpaca_zh", dev_ratio=0.1)) == "alpaca"  # a DatasetDict answers for its splits
+    assert columns_of("alpaca") == {"prompt": "instruction", "query": "input", "response": "output"}
+    assert set(FORMATS) == {"promptcblue", "alpaca", "conversation", "preference", "text"}
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="match none of the course's formats"):
+        format_of(Dataset.from_list([{"question": "q", "answer": "a"}]))
+    with pytest.raises(TypeError, match="Dataset"):
+        format_of([{"input": "q"}])
+
+
+def test_max_length_cuts_prompt_response_formats_too(tokenizer):
+    from helpers.data import load_dataset
+    from helpers.prompts import tokenize_dataset
+
+    rows = load_dataset("alpaca_en").select(range(8))
+    full = tokenize_dataset(rows, tokenizer)
+    longest_prompt = max(sum(label == -100 for label in labels) for labels in full["labels"])
+    cap = longest_prompt + 1  # one response token left for the longest prompt
+    cut = tokenize_dataset(rows, tokenizer, max_length=cap)
+    assert max(len(ids) for ids in cut["input_ids"]) <= cap < max(len(ids) for ids in full["input_ids"])
+    assert all(ids == whole[:len(ids)] for ids, whole in zip(cut["input_ids"], full["input_ids"]))
+    with pytest.raises(ValueError, match="fills max_length"):
+        tokenize_dataset(rows, tokenizer, max_length=longest_prompt)
+
+
+def test_a_row_carries_its_format_too():
+    from helpers.data import load_dataset
+    from helpers.prompts import prompt_and_response
+
+    row = load_dataset("alpaca_en")[0]
+    assert prompt_and_response(row) == prompt_and_response(row, "alpaca")

@@ -10,7 +10,7 @@ from helpers.quantization import preferred_compute_dtype, weight_bytes
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a harmless optional-kernel message on import
 
-# Small for testing efficiency: 2 blocks of hidden 64, MLP 256, vocabulary 128.
+# Small for testing efficiency: 2 blocks of hidden 64, MLP 256, vocabulary 128 (conftest's tiny_neox in this shape).
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
             max_position_embeddings=64, rotary_pct=0.25, tie_word_embeddings=False)
 # One block's linear layers (in, out): query_key_value, dense, dense_h_to_4h, dense_4h_to_h.
@@ -19,12 +19,8 @@ N_PARAMS = 116_480  # counted by hand below
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**TINY))
-    folder = tmp_path_factory.mktemp("tiny-neox")
-    model.save_pretrained(folder)
-    return folder
+def tiny_dir(tmp_path_factory, tiny_neox):
+    return tiny_neox(tmp_path_factory.mktemp("tiny-neox"), **TINY)
 
 
 def _load_4bit(folder, double_quant: bool):

@@ -17,7 +17,6 @@ Tolerances, measured on this machine (x86-64, torch 2.13 CPU):
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import queue
@@ -39,10 +38,10 @@ from helpers.checkpoints import (MARKER, CompleteCheckpointCallback, IncompleteC
                                  latest_complete_checkpoint, mark_complete, remove_incomplete_checkpoints)
 from helpers.env import REPO_ROOT, output_dir
 
+import _train_for_kill as kill_driver  # tests/_train_for_kill.py; its base model is conftest's `tiny_model_dir`
+from _tiny import tiny_dataset, tiny_tokenizer
+
 DRIVER = Path(__file__).with_name("_train_for_kill.py")
-_spec = importlib.util.spec_from_file_location("_train_for_kill", DRIVER)
-kill_driver = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(kill_driver)
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 STANDIN = REPO_ROOT / "models" / "tiny-neox-standin"
@@ -73,19 +72,14 @@ def test_every_notebook_sets_its_seed_visibly_in_the_config_cell(path):
         f"{path.name}: the config cell must call set_seed(CONFIG['seed']) where the reader sees it"
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return kill_driver.build_tiny_model(tmp_path_factory.mktemp("tiny") / "base")
-
-
 def _finetune(base, out, seed):
     from helpers.tuning import finetune
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = finetune("lora", kill_driver.tiny_dataset(), output_dir=out, model_name=str(base),
-                          tokenizer=kill_driver.tiny_tokenizer(), max_steps=6, batch_size=4, logging_steps=1,
+        result = finetune("lora", tiny_dataset(), output_dir=out, model_name=str(base),
+                          tokenizer=tiny_tokenizer(), max_steps=6, batch_size=4, logging_steps=1,
                           seed=seed, lora_r=4, lora_alpha=8)
     finally:
         torch.set_num_threads(threads)
@@ -93,13 +87,13 @@ def _finetune(base, out, seed):
     return result.losses, weights
 
 
-def test_finetune_twice_with_the_same_seed_gives_identical_losses_and_weights(tiny_base, tmp_path):
-    first, first_weights = _finetune(tiny_base, tmp_path / "a", seed=42)
-    second, second_weights = _finetune(tiny_base, tmp_path / "b", seed=42)
+def test_finetune_twice_with_the_same_seed_gives_identical_losses_and_weights(tiny_model_dir, tmp_path):
+    first, first_weights = _finetune(tiny_model_dir, tmp_path / "a", seed=42)
+    second, second_weights = _finetune(tiny_model_dir, tmp_path / "b", seed=42)
     assert len(first) == 6
     assert first == second  # tolerance 0: one thread, same seed (module docstring)
     assert all(torch.equal(first_weights[n], second_weights[n]) for n in first_weights)
-    other, _ = _finetune(tiny_base, tmp_path / "c", seed=7)
+    other, _ = _finetune(tiny_model_dir, tmp_path / "c", seed=7)
     assert other != first, "another seed must change the run, or the test above proves nothing"
 
 
@@ -152,14 +146,14 @@ class _Run:
 
 
 @pytest.fixture(scope="module")
-def killed_runs(tiny_base, tmp_path_factory):
+def killed_runs(tiny_model_dir, tmp_path_factory):
     """Two training processes started side by side and killed with SIGKILL:
     'between': after checkpoint-10 is complete, a couple of steps into the next stretch;
     'inside':  while it writes checkpoint-10 (adapter written, optimizer.pt half written)."""
     root = tmp_path_factory.mktemp("killed")
-    between = _Run(str(tiny_base), str(root / "between"), "--max-steps", str(MAX_STEPS), "--save-steps",
+    between = _Run(str(tiny_model_dir), str(root / "between"), "--max-steps", str(MAX_STEPS), "--save-steps",
                    str(SAVE_STEPS), "--step-sleep", "0.25")
-    inside = _Run(str(tiny_base), str(root / "inside"), "--max-steps", str(MAX_STEPS), "--save-steps",
+    inside = _Run(str(tiny_model_dir), str(root / "inside"), "--max-steps", str(MAX_STEPS), "--save-steps",
                   str(SAVE_STEPS), "--stall-in-save", "10")
     try:
         between.wait_for(r"SAVED 10")
@@ -175,8 +169,8 @@ def killed_runs(tiny_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_base, tmp_path_factory):
-    return kill_driver.train(tiny_base, tmp_path_factory.mktemp("reference") / "run", max_steps=MAX_STEPS,
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    return kill_driver.train(tiny_model_dir, tmp_path_factory.mktemp("reference") / "run", max_steps=MAX_STEPS,
                              save_steps=SAVE_STEPS)
 
 
@@ -191,7 +185,7 @@ def _assert_same_run(resumed, reference, from_step):
         torch.testing.assert_close(resumed["adapter"][name], tensor, rtol=0, atol=RESUME_ATOL, msg=name)
 
 
-def test_sigkill_mid_run_resumes_to_the_same_adapter_and_losses(killed_runs, uninterrupted, tiny_base):
+def test_sigkill_mid_run_resumes_to_the_same_adapter_and_losses(killed_runs, uninterrupted, tiny_model_dir):
     out, returncode, killed_at, output = killed_runs["between"]
     assert returncode == -signal.SIGKILL
     assert not any(line.startswith("FINISHED") for line in output), "the run must die before its end"
@@ -199,14 +193,15 @@ def test_sigkill_mid_run_resumes_to_the_same_adapter_and_losses(killed_runs, uni
     assert latest is not None
     start = int(latest.name.split("-")[1])
     assert 10 <= start < MAX_STEPS and killed_at < MAX_STEPS  # killed a few steps after checkpoint-10
-    resumed = kill_driver.train(tiny_base, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, resume=latest)
+    resumed = kill_driver.train(tiny_model_dir, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, resume=latest)
     _assert_same_run(resumed, uninterrupted, start)
     # The resumed run's log starts with the checkpoint's history: nothing was lost before it either.
     for step in range(1, start + 1):
         assert resumed["losses"][step] == uninterrupted["losses"][step]
 
 
-def test_sigkill_while_a_checkpoint_is_written_leaves_no_valid_looking_folder(killed_runs, uninterrupted, tiny_base):
+def test_sigkill_while_a_checkpoint_is_written_leaves_no_valid_looking_folder(killed_runs, uninterrupted,
+                                                                              tiny_model_dir):
     from transformers.trainer_utils import get_last_checkpoint
 
     out, returncode, _, _ = killed_runs["inside"]
@@ -225,7 +220,7 @@ def test_sigkill_while_a_checkpoint_is_written_leaves_no_valid_looking_folder(ki
     assert incomplete_checkpoints(out) == [partial]
     assert latest_complete_checkpoint(out) == out / "checkpoint-5"
     assert remove_incomplete_checkpoints(out) == [partial] and not partial.exists()
-    resumed = kill_driver.train(tiny_base, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS,
+    resumed = kill_driver.train(tiny_model_dir, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS,
                                 resume=latest_complete_checkpoint(out))
     _assert_same_run(resumed, uninterrupted, 5)
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-10", "checkpoint-15", "checkpoint-20"]

@@ -107,14 +107,11 @@ def _tiny_word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
-def test_score_with_reward_model_is_independent_of_padding():
-    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+def test_score_with_reward_model_is_independent_of_padding(tiny_neox):
+    from transformers import GPTNeoXForSequenceClassification
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=32, max_position_embeddings=32, num_labels=1, pad_token_id=1,
-                           eos_token_id=0, bos_token_id=0)
-    model = GPTNeoXForSequenceClassification(config).eval()
+    model = tiny_neox(model_class=GPTNeoXForSequenceClassification, vocab_size=7, hidden_size=16, num_hidden_layers=1,
+                      intermediate_size=32, max_position_embeddings=32, num_labels=1).eval()
     tokenizer = _tiny_word_tokenizer()
     alone = score_with_reward_model(model, tokenizer, ["a b "], ["c"])
     batched = score_with_reward_model(model, tokenizer, ["a b ", "a b c d a b "], ["c", "d d d"])

@@ -33,7 +33,7 @@ for method in ("lora", "ptuning-v2"):  # notebook 03's CONFIG: batch 8, r 8, 16 
     model, tokenizer, _ = train_or_load(method, dataset="promptcblue_ctc", max_steps=comparison_steps(True),
                                         seed=COMPARISON_SEED, batch_size=8, lora_r=8, pre_seq_len=16,
                                         num_trainable_layers=2)
-    max_new_tokens = lengths_from_data(tokenizer, "promptcblue", load_dataset("promptcblue_ctc", split="train"), test)["max_new_tokens"]
+    max_new_tokens = lengths_from_data(tokenizer, load_dataset("promptcblue_ctc", split="train"), test)["max_new_tokens"]
     result[method] = choice_accuracy(generate(model, tokenizer, questions, max_new_tokens=max_new_tokens), labels)
 print(json.dumps(result))
 """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import importlib.util
 import json
 import pickle
 import re
@@ -24,9 +23,7 @@ from helpers import models
 from helpers.env import REPO_ROOT, environment_report
 from helpers.models import load_model, load_tokenizer
 
-_spec = importlib.util.spec_from_file_location("_train_for_kill", Path(__file__).with_name("_train_for_kill.py"))
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
+from _train_for_kill import train  # tests/_train_for_kill.py: a tiny LoRA run; the model is conftest's `tiny_neox`
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 SOURCES = sorted(p for folder in ("helpers", "scripts", "benchmarks") for p in (REPO_ROOT / folder).rglob("*.py"))
@@ -89,8 +86,8 @@ def test_trust_remote_code_is_never_switched_on_without_a_pinned_revision():
 
 
 def _remote_code_folder(folder: Path, sentinel: Path) -> Path:
-    """A model folder whose config asks for its own Python code; running that code writes `sentinel`."""
-    tiny.build_tiny_model(folder)  # real safetensors weights, so only the custom code is in the way
+    """The tiny model's `folder` (real safetensors weights, so only the custom code is in the way), made into one
+    whose config asks for its own Python code; running that code writes `sentinel`."""
     (folder / "config.json").write_text(json.dumps({
         "model_type": "trap", "architectures": ["TrapModel"],
         "auto_map": {"AutoConfig": "configuration_trap.TrapConfig", "AutoModelForCausalLM": "modeling_trap.TrapModel",
@@ -102,9 +99,9 @@ def _remote_code_folder(folder: Path, sentinel: Path) -> Path:
     return folder
 
 
-def test_a_model_with_custom_code_is_refused_without_running_or_asking(tmp_path, monkeypatch):
+def test_a_model_with_custom_code_is_refused_without_running_or_asking(tmp_path, monkeypatch, tiny_neox):
     sentinel = tmp_path / "ran.txt"
-    folder = _remote_code_folder(tmp_path / "trap", sentinel)
+    folder = _remote_code_folder(tiny_neox(tmp_path / "trap"), sentinel)
 
     def no_prompt(*args, **kwargs):
         raise AssertionError("transformers asked whether to run the repository's code; the course must never ask")
@@ -127,7 +124,7 @@ def test_trusting_remote_code_needs_a_commit_hash(monkeypatch, revision):
         load_tokenizer("THUDM/chatglm2-6b", trust_remote_code=True, revision=revision)
 
 
-def test_helpers_pass_trust_remote_code_false_explicitly(tmp_path, monkeypatch):
+def test_helpers_pass_trust_remote_code_false_explicitly(tmp_path, monkeypatch, tiny_neox):
     """False, not the library default None: None makes transformers prompt (and wait) in an interactive session."""
     import transformers
 
@@ -139,7 +136,7 @@ def test_helpers_pass_trust_remote_code_false_explicitly(tmp_path, monkeypatch):
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
-    load_model(str(tiny.build_tiny_model(tmp_path / "m")), verbose=False)
+    load_model(str(tiny_neox(tmp_path / "m")), verbose=False)
     assert seen and seen[0]["trust_remote_code"] is False and seen[0]["use_safetensors"] is True
 
 
@@ -155,8 +152,8 @@ class _Trap:
         return (open, (self.path, "w"))
 
 
-def test_pickle_only_weights_are_refused_unopened(tmp_path):
-    folder = tiny.build_tiny_model(tmp_path / "model")
+def test_pickle_only_weights_are_refused_unopened(tmp_path, tiny_neox):
+    folder = tiny_neox(tmp_path / "model")
     (folder / "model.safetensors").unlink()
     sentinel = tmp_path / "unpickled.txt"
     with open(folder / "pytorch_model.bin", "wb") as f:
@@ -166,14 +163,14 @@ def test_pickle_only_weights_are_refused_unopened(tmp_path):
     assert not sentinel.exists()
 
 
-def test_saved_weights_are_safetensors_and_checkpoint_pickles_load_restricted(tmp_path, monkeypatch):
+def test_saved_weights_are_safetensors_and_checkpoint_pickles_load_restricted(tmp_path, monkeypatch, tiny_neox):
     """A LoRA run through the Trainer: the adapter is safetensors; the optimizer, scheduler and random states
     (torch pickles) are read back only with torch's weights-only loader on resume; a booby-trapped
     optimizer.pt is refused without running."""
-    base = tiny.build_tiny_model(tmp_path / "base")
+    base = tiny_neox(tmp_path / "base")
     assert sorted(p.name for p in base.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     out = tmp_path / "run"
-    tiny.train(base, out, max_steps=2, save_steps=1)
+    train(base, out, max_steps=2, save_steps=1)
     checkpoint = out / "checkpoint-1"
     assert (checkpoint / "adapter_model.safetensors").is_file()
     assert not list(checkpoint.glob("adapter_model.bin")) and not list(checkpoint.glob("pytorch_model*.bin"))
@@ -186,7 +183,7 @@ def test_saved_weights_are_safetensors_and_checkpoint_pickles_load_restricted(tm
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    tiny.train(base, tmp_path / "resumed", max_steps=2, save_steps=1, resume=checkpoint)
+    train(base, tmp_path / "resumed", max_steps=2, save_steps=1, resume=checkpoint)
     assert loads and all(flag is True for flag in loads), loads  # never the unrestricted unpickler
 
     from helpers.checkpoints import mark_complete
@@ -196,7 +193,7 @@ def test_saved_weights_are_safetensors_and_checkpoint_pickles_load_restricted(tm
         pickle.dump({"state": _Trap(sentinel)}, f)
     mark_complete(checkpoint)  # even a checkpoint that looks complete
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        tiny.train(base, tmp_path / "trapped", max_steps=2, save_steps=1, resume=checkpoint)
+        train(base, tmp_path / "trapped", max_steps=2, save_steps=1, resume=checkpoint)
     assert not sentinel.exists()
 
 
@@ -280,7 +277,7 @@ def test_the_course_never_reads_a_token_itself():
     assert not found, found
 
 
-def test_a_token_in_the_environment_is_never_printed_or_sent_offline(tmp_path, monkeypatch, capsys):
+def test_a_token_in_the_environment_is_never_printed_or_sent_offline(tmp_path, monkeypatch, capsys, tiny_neox):
     token = "hf_" + "Q" * 34  # a made-up token
     monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -291,7 +288,7 @@ def test_a_token_in_the_environment_is_never_printed_or_sent_offline(tmp_path, m
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     report = environment_report(show=True)
-    model = load_model(str(tiny.build_tiny_model(tmp_path / "m")), verbose=True)
+    model = load_model(str(tiny_neox(tmp_path / "m")), verbose=True)
     printed = capsys.readouterr()
     assert model is not None and report
     assert token not in printed.out + printed.err + json.dumps(report)

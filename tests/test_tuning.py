@@ -14,9 +14,8 @@ HIDDEN, LAYERS, HEADS, MLP = 16, 2, 2, 32
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
+def tiny_model_dir(tmp_path_factory, tiny_neox):
+    """conftest's tiny GPT-NeoX in this shape, saved with a 400-token tokenizer (bos = eos = 0, pad = 1)."""
     from helpers.data import load_dataset
     from helpers.standin import train_tokenizer
 
@@ -25,13 +24,8 @@ def tiny_model_dir(tmp_path_factory):
     rows = load_dataset("promptcblue_ctc", split="train")
     corpus.write_text("\n".join(list(rows["input"][:200]) + list(rows["target"])), encoding="utf-8")
     tokenizer = train_tokenizer(corpus, vocab_size=400)
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                           num_attention_heads=HEADS, intermediate_size=MLP, rotary_pct=0.25,
-                           max_position_embeddings=1024, tie_word_embeddings=False,
-                           bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    GPTNeoXForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tiny_neox(folder, tokenizer=tokenizer, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+              intermediate_size=MLP, max_position_embeddings=1024)
     corpus.unlink()
     return str(folder)
 
@@ -243,3 +237,28 @@ def test_finetune_announcing_its_time_trains_exactly_the_same(tiny_model_dir, tm
                             max_steps=2, batch_size=4, logging_steps=1, announce=announce) for announce in (False, True)]
     assert runs[0].losses == runs[1].losses
     assert "expected: 2 steps x " in capsys.readouterr().out
+
+
+def test_the_comparison_arguments_are_notebook_03s_and_make_one_cache_key():
+    import json
+
+    from helpers.env import REPO_ROOT
+
+    arguments = tuning.comparison_arguments(smoke=True)
+    assert arguments["max_steps"] == tuning.comparison_steps(True) and arguments["seed"] == tuning.COMPARISON_SEED
+    config = "".join(json.loads((REPO_ROOT / "notebooks" / "03_ptuning_and_methods.ipynb").read_text())["cells"][5]["source"])
+    for key, value in tuning.COMPARISON.items():  # notebook 03's configuration cell shows the same values
+        assert f'"{key}": {json.dumps(value)}' in config, key
+    assert tuning.cache_key("lora", **arguments)[0].startswith("lora-")
+
+
+def test_train_or_load_resolves_the_model_once_per_call(tiny_model_dir, cache, monkeypatch):
+    from helpers import models
+
+    calls, resolve = [], models.resolve_model
+    monkeypatch.setattr(models, "resolve_model", lambda *args, **kwargs: calls.append(args) or resolve(*args, **kwargs))
+    tuning.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)  # trains, saves, loads back
+    assert len(calls) == 1, calls
+    calls.clear()
+    assert tuning.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)[2]["from_cache"]
+    assert len(calls) == 1, calls
