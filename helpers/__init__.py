@@ -12,7 +12,8 @@ The modules form layers, read from the bottom up; a module imports only from mod
                  memory         the memory model (from a config; only the LoRA target table from models)
                  checks         lesson checks (strict only on the stand-in, so they ask models)
     training     checkpoints    complete-checkpoint markers
-                 tuning         Trainer recipes, the run cache
+                 tuning         the Trainer recipe for every method, measured
+                 run_cache      train once, reuse the saved run (notebooks 03 and 06)
                  export         merging and loading for inference
     generation   metrics        BLEU-4 / ROUGE on text (no model)
                  generation     batched generation, the predictions file, accuracy, perplexity
@@ -27,7 +28,7 @@ LAYERS = (
     ("data", ("data",)),
     ("prompts", ("prompts",)),
     ("models", ("quantization", "models", "standin", "memory", "checks")),
-    ("training", ("checkpoints", "tuning", "export")),
+    ("training", ("checkpoints", "tuning", "run_cache", "export")),
     ("generation", ("metrics", "generation", "rewards", "ppo")),
     ("serving", ("chat", "serving")),
 )

@@ -31,7 +31,7 @@ from pathlib import Path
 
 __all__ = ["MARKER", "CompleteCheckpointCallback", "IncompleteCheckpointError", "check_checkpoint",
            "complete_checkpoints", "incomplete_checkpoints", "is_complete_checkpoint", "latest_complete_checkpoint",
-           "mark_complete", "remove_incomplete_checkpoints", "unmark"]
+           "mark_complete", "remove_incomplete_checkpoints"]
 MARKER = "checkpoint_complete.json"
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -85,7 +85,7 @@ def mark_complete(folder) -> Path:
     return folder / MARKER
 
 
-def unmark(folder) -> bool:
+def _unmark(folder) -> bool:
     """Remove the marker of `folder` (before new files are written into it); True if there was one."""
     marker = Path(folder) / MARKER
     if marker.exists():
@@ -202,7 +202,7 @@ def _make_callback_class():
 
         def on_step_end(self, args, state, control, **kwargs):
             if control.should_save and state.is_world_process_zero:
-                unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                _unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

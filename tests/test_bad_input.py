@@ -116,7 +116,7 @@ def test_datasets_of_different_formats_cannot_be_mixed():
 
 
 def test_unknown_dataset_in_train_or_load():
-    from helpers.tuning import train_or_load
+    from helpers.run_cache import train_or_load
 
     with pytest.raises(ValueError, match="unknown dataset 'ctc'.*Known datasets"):
         train_or_load("lora", dataset="ctc", max_steps=1)
@@ -219,7 +219,7 @@ def test_freeze_layers_out_of_range(tiny_model_dir):
 
 
 def test_unknown_train_or_load_argument():
-    from helpers.tuning import cache_key
+    from helpers.run_cache import cache_key
 
     with pytest.raises(ValueError, match=r"unknown arguments \['lora_rank'\]; it accepts those of finetune"):
         cache_key("lora", max_steps=2, lora_rank=4)

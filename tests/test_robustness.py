@@ -2,7 +2,7 @@
 
 `make test` runs the notebooks with this machine's best kernels. A result that only holds there is a knife
 edge (P-Tuning v2 once scored 29% on one CPU and 0% on another). This test trains LoRA and P-Tuning v2 as
-notebook 03 does (helpers.tuning.train_or_load with the comparison's settings) in a process whose PyTorch,
+notebook 03 does (helpers.run_cache.train_or_load with the comparison's settings) in a process whose PyTorch,
 oneDNN and MKL are capped to their plainest path (benchmarks.robustness.KERNEL_PATHS["generic"]), and asserts
 notebook 03's bars (its POINTS): LoRA beats the best constant answer by 10 points, P-Tuning v2 by 5. The sweep
 behind the bars: `python -m benchmarks.robustness` (table in lessons/03_ptuning_and_methods.md).
@@ -23,7 +23,7 @@ import torch
 from helpers.data import load_dataset
 from helpers.generation import choice_accuracy, generate
 from helpers.prompts import lengths_from_data
-from helpers.tuning import COMPARISON_SEED, comparison_steps, train_or_load
+from helpers.run_cache import COMPARISON_SEED, comparison_steps, train_or_load
 
 test = load_dataset("promptcblue_ctc", split="test")
 questions, labels = list(test["input"]), list(test["target"])

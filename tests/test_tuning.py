@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import tuning
+from helpers import run_cache, tuning
 
 HIDDEN, LAYERS, HEADS, MLP = 16, 2, 2, 32
 
@@ -33,7 +33,7 @@ def tiny_model_dir(tmp_path_factory, tiny_neox):
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
-    monkeypatch.setattr(tuning, "cache_root", lambda: root)
+    monkeypatch.setattr(run_cache, "cache_root", lambda: root)
     return root
 
 
@@ -136,31 +136,31 @@ def test_finetune_rejects_untokenized_data(tmp_path):
 
 # --- train_or_load -------------------------------------------------------------------------------
 def test_cache_key_counts_effective_arguments(tiny_model_dir):
-    name, described = tuning.cache_key("lora", max_steps=2, model_name=tiny_model_dir, **SMALL)
+    name, described = run_cache.cache_key("lora", max_steps=2, model_name=tiny_model_dir, **SMALL)
     assert name.startswith("lora-") and len(name) == len("lora-") + 12
     assert described["arguments"]["learning_rate"] == tuning.DEFAULT_LR["lora"]
-    same = tuning.cache_key("lora", max_steps=2, model_name=tiny_model_dir, lora_r=8,
+    same = run_cache.cache_key("lora", max_steps=2, model_name=tiny_model_dir, lora_r=8,
                             learning_rate=tuning.DEFAULT_LR["lora"], **SMALL)[0]
     assert same == name  # spelling out a default is the same run
     for change in ({"max_steps": 3}, {"seed": 1}, {"lora_r": 4}, {"max_target_length": 8}):
-        assert tuning.cache_key("lora", **{"max_steps": 2, "model_name": tiny_model_dir, **SMALL, **change})[0] != name
-    assert tuning.cache_key("freeze", max_steps=2, model_name=tiny_model_dir, **SMALL)[0].startswith("freeze-")
+        assert run_cache.cache_key("lora", **{"max_steps": 2, "model_name": tiny_model_dir, **SMALL, **change})[0] != name
+    assert run_cache.cache_key("freeze", max_steps=2, model_name=tiny_model_dir, **SMALL)[0].startswith("freeze-")
 
 
 def test_train_or_load_rejects_bad_arguments(tiny_model_dir, cache):
     with pytest.raises(ValueError, match="method must be one of"):
-        tuning.train_or_load("prefix", max_steps=1)
+        run_cache.train_or_load("prefix", max_steps=1)
     with pytest.raises(ValueError, match="max_steps must be a positive integer"):
-        tuning.train_or_load("lora", max_steps=0)
+        run_cache.train_or_load("lora", max_steps=0)
     with pytest.raises(ValueError, match=r"chooses \['output_dir'\]"):
-        tuning.train_or_load("lora", max_steps=1, output_dir="x")
+        run_cache.train_or_load("lora", max_steps=1, output_dir="x")
     with pytest.raises(ValueError, match=r"unknown arguments \['lora_rank'\]"):
-        tuning.train_or_load("lora", max_steps=1, lora_rank=8)
+        run_cache.train_or_load("lora", max_steps=1, lora_rank=8)
     assert not cache.exists()
 
 
 def test_train_or_load_trains_once_then_loads(tiny_model_dir, cache, monkeypatch):
-    model, tokenizer, info = tuning.train_or_load("lora", max_steps=2, seed=3, model_name=tiny_model_dir, **SMALL)
+    model, tokenizer, info = run_cache.train_or_load("lora", max_steps=2, seed=3, model_name=tiny_model_dir, **SMALL)
     folder = cache / info["name"]
     assert info["from_cache"] is False and info["path"] == str(folder)
     assert sorted(p.name for p in (folder / "model").iterdir()) == [
@@ -174,38 +174,38 @@ def test_train_or_load_trains_once_then_loads(tiny_model_dir, cache, monkeypatch
     def no_training(*args, **kwargs):
         raise AssertionError("train_or_load trained again instead of loading the saved run")
 
-    monkeypatch.setattr(tuning, "_tokenized_train_split", no_training)
-    again, tokenizer2, info2 = tuning.train_or_load("lora", max_steps=2, seed=3, model_name=tiny_model_dir, **SMALL)
+    monkeypatch.setattr(run_cache, "_tokenized_train_split", no_training)
+    again, tokenizer2, info2 = run_cache.train_or_load("lora", max_steps=2, seed=3, model_name=tiny_model_dir, **SMALL)
     assert info2["from_cache"] is True and info2["path"] == info["path"]
     assert info2["seconds_per_step"] == info["seconds_per_step"]  # the measurements travel with the run
     assert torch.equal(_logits(again, tokenizer2), first)
 
 
 def test_whole_model_methods_save_safetensors_and_reload_identically(tiny_model_dir, cache):
-    model, tokenizer, info = tuning.train_or_load("full", max_steps=1, model_name=tiny_model_dir, **SMALL)
+    model, tokenizer, info = run_cache.train_or_load("full", max_steps=1, model_name=tiny_model_dir, **SMALL)
     files = sorted(p.name for p in (cache / info["name"] / "model").iterdir())
     assert "model.safetensors" in files and "tokenizer.json" in files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
     assert info["trainable_share_pct"] == 100.0
-    again, tokenizer2, info2 = tuning.train_or_load("full", max_steps=1, model_name=tiny_model_dir, **SMALL)
+    again, tokenizer2, info2 = run_cache.train_or_load("full", max_steps=1, model_name=tiny_model_dir, **SMALL)
     assert info2["from_cache"] and torch.equal(_logits(again, tokenizer2), _logits(model, tokenizer))
 
 
 def test_ptuning_v2_saves_the_table_not_the_mlp(tiny_model_dir, cache):
     from safetensors.torch import load_file
 
-    _, _, info = tuning.train_or_load("ptuning-v2", max_steps=1, model_name=tiny_model_dir, pre_seq_len=4, **SMALL)
+    _, _, info = run_cache.train_or_load("ptuning-v2", max_steps=1, model_name=tiny_model_dir, pre_seq_len=4, **SMALL)
     saved = load_file(f"{info['path']}/model/adapter_model.safetensors")
     assert {k: tuple(v.shape) for k, v in saved.items()} == {"prompt_embeddings": (4, LAYERS * 2 * HIDDEN)}
 
 
 def test_half_written_run_is_not_taken(tiny_model_dir, cache):
-    name, _ = tuning.cache_key("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)
+    name, _ = run_cache.cache_key("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)
     (cache / name / "model").mkdir(parents=True)  # a crash before info.json was written
-    _, _, info = tuning.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)
+    _, _, info = run_cache.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)
     assert info["from_cache"] is False and (cache / name / "info.json").is_file()
     with pytest.raises(FileNotFoundError, match="not a complete train_or_load run"):
-        tuning.load_cached_run(cache / "lora-000000000000")
+        run_cache.load_cached_run(cache / "lora-000000000000")
 
 
 def test_expected_training_time_changes_nothing_in_the_run(tiny_model_dir, capsys):
@@ -244,21 +244,23 @@ def test_the_comparison_arguments_are_notebook_03s_and_make_one_cache_key():
 
     from helpers.env import REPO_ROOT
 
-    arguments = tuning.comparison_arguments(smoke=True)
-    assert arguments["max_steps"] == tuning.comparison_steps(True) and arguments["seed"] == tuning.COMPARISON_SEED
+    arguments = run_cache.comparison_arguments(smoke=True)
+    assert arguments["max_steps"] == run_cache.comparison_steps(True) and arguments["seed"] == run_cache.COMPARISON_SEED
     config = "".join(json.loads((REPO_ROOT / "notebooks" / "03_ptuning_and_methods.ipynb").read_text())["cells"][5]["source"])
-    for key, value in tuning.COMPARISON.items():  # notebook 03's configuration cell shows the same values
+    for key, value in run_cache.COMPARISON.items():  # notebook 03's configuration cell shows the same values
         assert f'"{key}": {json.dumps(value)}' in config, key
-    assert tuning.cache_key("lora", **arguments)[0].startswith("lora-")
+    assert run_cache.cache_key("lora", **arguments)[0].startswith("lora-")
 
 
 def test_train_or_load_resolves_the_model_once_per_call(tiny_model_dir, cache, monkeypatch):
     from helpers import models
 
     calls, resolve = [], models.resolve_model
-    monkeypatch.setattr(models, "resolve_model", lambda *args, **kwargs: calls.append(args) or resolve(*args, **kwargs))
-    tuning.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)  # trains, saves, loads back
+    counting = lambda *args, **kwargs: calls.append(args) or resolve(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(models, "resolve_model", counting)     # what load_model and load_tokenizer call
+    monkeypatch.setattr(run_cache, "resolve_model", counting)  # what train_or_load calls
+    run_cache.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)  # trains, saves, loads back
     assert len(calls) == 1, calls
     calls.clear()
-    assert tuning.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)[2]["from_cache"]
+    assert run_cache.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)[2]["from_cache"]
     assert len(calls) == 1, calls
