@@ -1,7 +1,11 @@
 """PPO for a causal language model, written out one small function at a time.
 
 TRL removed its PPOTrainer (moved to trl.experimental in 0.26, gone from 1.13), so the course writes
-the algorithm itself. One PPO iteration, as notebooks/05_rlhf.ipynb teaches it step by step:
+the algorithm itself. notebooks/05_rlhf.ipynb writes the algorithm's pieces in its cells, each checked on
+numbers worked out by hand (`kl_penalized_rewards`, `gae`, `whiten`, `clipped_policy_loss`, `value_loss`,
+`ppo_epochs`, `ppo_step`); a cell that starts with `# saved in helpers/ppo.py` must define the same code as
+this module (tests/test_hygiene.py compares them), which keeps them for the tests and for whoever imports
+them. The plumbing (sampling, padding, the value head) is only here. One PPO iteration:
 
     1. `rollout`               sample a response to each prompt from the policy
     2. (reward function)       score each (prompt, response), e.g. helpers.rewards.score_with_reward_model
@@ -162,6 +166,12 @@ class Rollout:
         ids = torch.cat([self.query_ids, self.responses], dim=1)
         return ids, torch.cat([self.query_mask, self.mask.long()], dim=1)
 
+    def select(self, idx: torch.Tensor) -> Rollout:
+        """The rows `idx` of this batch (a minibatch)."""
+        rows = idx.tolist()
+        return Rollout([self.prompts[i] for i in rows], self.query_ids[idx], self.query_mask[idx], self.responses[idx],
+                       self.mask[idx], [self.texts[i] for i in rows])
+
 
 def _lm(model):
     return model.model if isinstance(model, PolicyWithValueHead) else model
@@ -313,11 +323,6 @@ def minibatch_indices(n: int, minibatch_size: int, generator: torch.Generator | 
     return [order[i:i + minibatch_size] for i in range(0, n, minibatch_size)]
 
 
-def _subset(ro: Rollout, idx: torch.Tensor) -> Rollout:
-    return Rollout([ro.prompts[i] for i in idx.tolist()], ro.query_ids[idx], ro.query_mask[idx], ro.responses[idx],
-                   ro.mask[idx], [ro.texts[i] for i in idx.tolist()])
-
-
 def ppo_epochs(policy: PolicyWithValueHead, optimizer, ro: Rollout, old_logprobs: torch.Tensor,
                old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, config: PPOConfig,
                generator: torch.Generator | None = None) -> list[dict]:
@@ -331,7 +336,7 @@ def ppo_epochs(policy: PolicyWithValueHead, optimizer, ro: Rollout, old_logprobs
     stats = []
     for epoch in range(config.ppo_epochs):
         for idx in minibatch_indices(n, config.minibatch_size, generator):
-            mb = _subset(ro, idx)
+            mb = ro.select(idx)
             logits, values = policy_forward(policy, mb)
             logprobs = logprobs_from_logits(logits, mb.responses)
             pg_loss, pg_stats = clipped_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb.mask,

@@ -276,3 +276,64 @@ def test_layer_check_sees_imports_inside_functions_and_absolute_ones():
     graph = _helpers_imports()
     assert "env" in graph["data"]           # `from helpers.env import REPO_ROOT`, absolute
     assert "models" in graph["checks"]      # imported inside strict()
+
+
+SAVED = re.compile(r"^# saved in (helpers/\w+\.py)", re.M)
+
+
+def _essential(node):
+    """A function or class as code: without its docstring and the argument checks at its top (`if ...: raise ...`)."""
+    import ast
+    import copy
+
+    node = copy.deepcopy(node)
+    for item in [node, *[n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]]:
+        body = item.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            body = body[1:]
+        while body and isinstance(body[0], ast.If) and not body[0].orelse \
+                and all(isinstance(statement, ast.Raise) for statement in body[0].body):
+            body = body[1:]
+        item.body = body or [ast.Pass()]
+    return ast.dump(node, include_attributes=False)
+
+
+def _saved_cells():
+    import ast
+
+    for path in NOTEBOOKS:
+        for index, cell in enumerate(_cells(path)):
+            source = "".join(cell["source"])
+            match = SAVED.match(source) if cell["cell_type"] == "code" else None
+            if match:
+                yield path, index, match.group(1), [n for n in ast.parse(source).body
+                                                    if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+
+
+def test_code_a_notebook_writes_is_the_code_helpers_keep():
+    """d2l's #@save, checked: a cell that starts with `# saved in helpers/x.py` defines the same functions as that
+    module (less docstrings and argument checks), so the code a learner reads is the code the course runs."""
+    import ast
+
+    saved = list(_saved_cells())
+    names = {node.name for _, _, _, nodes in saved for node in nodes}
+    assert {"kl_penalized_rewards", "gae", "whiten", "clipped_policy_loss", "value_loss", "ppo_epochs",
+            "ppo_step"} <= names, "notebook 05 writes PPO's pieces in its cells"
+    for path, index, module, nodes in saved:
+        assert nodes, f"{path.name} cell {index} says it is saved in {module} but defines nothing"
+        kept = {n.name: n for n in ast.parse((REPO_ROOT / module).read_text(encoding="utf-8")).body
+                if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        for node in nodes:
+            assert node.name in kept, f"{path.name} cell {index}: {node.name} is not in {module}"
+            assert _essential(node) == _essential(kept[node.name]), (
+                f"{path.name} cell {index}: {node.name} differs from {module}'s; change both")
+
+
+def test_the_saved_code_check_sees_a_change():
+    import ast
+
+    written = ast.parse("def f(x):\n    if x < 0:\n        raise ValueError\n    return x + 1\n").body[0]
+    same = ast.parse("def f(x):\n    \"\"\"Docs.\"\"\"\n    return x + 1\n").body[0]
+    other = ast.parse("def f(x):\n    return x + 2\n").body[0]
+    assert _essential(written) == _essential(same) != _essential(other)
