@@ -8,7 +8,7 @@ VENV   := .venv
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install lab test standin data clean-outputs
+.PHONY: install lab test standin data diagrams clean-outputs
 
 # The course with all its optional parts (pyproject.toml): JupyterLab, the test tools, DeepSpeed.
 # Colab's setup cells install fewer: see README.md.
@@ -39,6 +39,9 @@ data: install
 	$(VENV)/bin/python data/generate.py
 standin: install
 	$(VENV)/bin/python -m helpers.standin build
+# The pictures in img/, drawn by one deterministic script (`python img/diagrams.py --check` compares).
+diagrams: install
+	$(VENV)/bin/python img/diagrams.py
 
 clean-outputs:
 	rm -rf outputs
