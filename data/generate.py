@@ -9,6 +9,10 @@ dataset leaves the others untouched.
                                        # exit status 1 and the name of the first differing file
     python data/generate.py --out DIR  # write somewhere else
 
+dataset_info.json also registers the seeds' real datasets (REAL_DATASET_INFO: Hub ids, column maps, licences,
+local stand-ins), which are not files here. A learner's own entries belong in data/my_datasets.json, which
+this script never writes and --check never compares (helpers.data reads both).
+
 The knowledge table (symptom -> department, drug -> use, test -> what it measures, a bilingual
 word list, small-number arithmetic) feeds both the pretraining corpus (declarative prose, no
 instruction format) and the fine-tuning sets (instructions, chats, preference pairs), so a model
@@ -1057,13 +1061,125 @@ DATASET_INFO = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# The seeds' real datasets: not files here, but registered next to the synthetic ones
+# ---------------------------------------------------------------------------------------------
+#
+# Each entry names the real data a seed document trains on, by its Hugging Face Hub id ("hf_hub_url", as in
+# LLaMA-Factory's data/dataset_info.json) or, where it is not on the Hub, by where to download it ("download").
+# "format" and "columns" (role -> the dataset's own column) map it to the course's formats, so that
+# helpers.data.load_dataset(name) loads it online exactly like a local file; "standin" is the synthetic dataset
+# of the same format that a learner uses offline. Every fact below comes from the source named in "source".
+
+REAL_DATASET_INFO = {
+    "promptcblue": {
+        "download": "https://github.com/michael-wzhu/PromptCBLUE (the full data from the Tianchi platform, "
+                    "after registering: https://tianchi.aliyun.com/competition/entrance/532084/introduction)",
+        "format": "promptcblue",
+        "columns": {"prompt": "input", "response": "target", "choices": "answer_choices", "id": "sample_id",
+                    "type": "task_type", "task": "task_dataset"},
+        "where": {"task_dataset": "CHIP-CTC"},
+        "splits": ["train", "dev", "test"],
+        "standin": "promptcblue_ctc",
+        "license": "academic research only, no commercial use (the PromptCBLUE README's disclaimer)",
+        "rows": "v0.1, all 16 tasks: train 68,500, dev 10,270, test A 10,270, test B 10,270",
+        "seed": "the LoRA + DeepSpeed training kit",
+        "source": "https://github.com/michael-wzhu/PromptCBLUE (README: statistics, fields input/target/type/"
+                  "answer_choices/sample_id, licence; datasets/PromptCBLUE/toy_examples/train.json: the records "
+                  "name the task type 'task_type' and carry 'task_dataset')",
+        "description": "The medical LLM benchmark of the LoRA + DeepSpeed kit: 16 CBLUE tasks as prompt -> "
+                       "target text. Not on the Hugging Face Hub. The course's promptcblue format is its "
+                       "classification shape, so the entry keeps the CHIP-CTC rows (where); other tasks have "
+                       "answer_choices null or targets outside them. The test split's targets are empty.",
+    },
+    "alpaca_gpt4_zh": {
+        "hf_hub_url": "llamafactory/alpaca_gpt4_zh",
+        "format": "alpaca",
+        "columns": {"prompt": "instruction", "query": "input", "response": "output"},
+        "splits": ["train"],
+        "standin": "alpaca_zh",
+        "license": "apache-2.0 on the Hub card; the data it is borrowed from (GPT-4-LLM) is CC BY-NC 4.0, "
+                   "research use only",
+        "rows": "about 52K in GPT-4-LLM, less the 6,103 mistruncated examples the Hub copy removed",
+        "seed": "ChatGLM Efficient Tuning (alpaca_gpt4_zh)",
+        "source": "https://github.com/hiyouga/LLaMA-Factory/blob/main/data/dataset_info.json (alpaca_gpt4_zh); "
+                  "https://github.com/hiyouga/ChatGLM-Efficient-Tuning/blob/main/data/dataset_info.json "
+                  "(alpaca_gpt4_zh: the file alpaca_gpt4_data_zh.json); "
+                  "https://huggingface.co/datasets/llamafactory/alpaca_gpt4_zh (card: instruction, input, "
+                  "output; licence); https://github.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM (README: "
+                  "52K, Alpaca's format, CC BY-NC 4.0)",
+        "description": "Chinese Alpaca-format instructions answered by GPT-4 (prompts translated from Alpaca by "
+                       "ChatGPT), as ChatGLM Efficient Tuning fine-tunes on. Its columns are the course's own.",
+    },
+    "comparison_gpt4_zh": {
+        "download": "https://github.com/hiyouga/ChatGLM-Efficient-Tuning/tree/main/data "
+                    "(comparison_gpt4_data_zh.json)",
+        "file_sha1": "b99a41c1c864019d9b0c07dbcd5df0560cf33ce0",
+        "format": "preference",
+        "columns": {"prompt": "instruction", "chosen": "output[0]", "rejected": "output[1]"},
+        "ranking": True,
+        "splits": ["train"],
+        "standin": "preference_pairs",
+        "license": "CC BY-NC 4.0, research use only (GPT-4-LLM's data, which it comes from)",
+        "seed": "ChatGLM Efficient Tuning (comparison_gpt4_zh, the reward-model data)",
+        "source": "https://github.com/hiyouga/ChatGLM-Efficient-Tuning/blob/main/data/dataset_info.json "
+                  "(comparison_gpt4_zh: file and sha1); its data/README.md (columns default to instruction, "
+                  "input, output) and src/glmtuner/dsets/preprocess.py (pairwise: output[0] is accepted, "
+                  "output[1] rejected); README (GPT-4 Generated Data: GPT-4-LLM)",
+        "description": "Chinese prompts with two replies ranked by GPT-4, for the reward model. Not on the "
+                       "Hugging Face Hub: a file of ChatGLM Efficient Tuning's data/ folder. Its layout differs "
+                       "from the course's: output is the list [chosen, rejected], and input (appended to the "
+                       "prompt by ChatGLM Efficient Tuning) stays a column of its own.",
+    },
+    "firefly": {
+        "hf_hub_url": "YeungNLP/firefly-train-1.1M",
+        "format": "alpaca",
+        "columns": {"prompt": "input", "query": "", "response": "target"},
+        "splits": ["train"],
+        "standin": "alpaca_zh",
+        "license": "none stated on the Hub card",
+        "rows": "1.15M from 23 Chinese NLP tasks; 1.65M with BELLE's train_0.5M_CN added (Hub card)",
+        "seed": "the QLoRA tutorial (Firefly)",
+        "source": "https://github.com/hiyouga/LLaMA-Factory/blob/main/data/dataset_info.json (firefly: prompt "
+                  "input, response target); https://github.com/hiyouga/ChatGLM-Efficient-Tuning/blob/main/data/"
+                  "dataset_info.json (firefly: query \"\"); https://huggingface.co/datasets/YeungNLP/"
+                  "firefly-train-1.1M (card: kind, input, target; rows); https://github.com/yangjianxin1/Firefly "
+                  "(README)",
+        "description": "Firefly's own single-turn instruction data (classical Chinese, poems, couplets, NLP "
+                       "tasks). Its columns differ from the course's: input is the whole prompt, target the "
+                       "reply, there is no query column (\"\"), and kind (the task) stays a column of its own.",
+    },
+    "moss_003_sft": {
+        "hf_hub_url": "YeungNLP/moss-003-sft-data",
+        "format": "conversation",
+        "columns": {"messages": "conversation", "id": "conversation_id", "category": "category"},
+        "tags": {"user": "human", "assistant": "assistant"},
+        "splits": ["train"],
+        "standin": "conversations",
+        "license": "cc-by-4.0 on the original's card (fnlp/moss-003-sft-data); none stated for Firefly's copy",
+        "rows": "1M+ multi-turn chats in Chinese and English (Firefly README); the original counts 1,074,551",
+        "seed": "the QLoRA tutorial (Firefly's bloom-7b1 QLoRA run trains on moss + ultrachat)",
+        "source": "https://github.com/yangjianxin1/Firefly (README: the data table, the format "
+                  "conversation_id/category/conversation[human, assistant], firefly-bloom-7b1's training data; "
+                  "data/dummy_data.jsonl: moss records also carry 'dataset'; component/dataset.py reads "
+                  "turn['human'], turn['assistant']; train_args/qlora/bloom-sft-qlora.json); "
+                  "https://huggingface.co/datasets/fnlp/moss-003-sft-data (card: licence, counts)",
+        "description": "MOSS's multi-turn chats in Firefly's layout, the data Firefly's QLoRA runs train on. "
+                       "The turn keys are the course's (human, assistant); the original fnlp/moss-003-sft-data "
+                       "is in MOSS's own layout and is not this entry. The extra column dataset names the source.",
+    },
+}
+assert not set(REAL_DATASET_INFO) & set(DATASET_INFO), "a real dataset must not reuse a synthetic dataset's name"
+
+
 def build_finetuning() -> list[tuple[str, str]]:
+    registry = {**DATASET_INFO, **REAL_DATASET_INFO}  # the synthetic datasets first, then the real ones
     return [
         ("alpaca_zh.json", _json_array(alpaca("zh", 5001))),
         ("alpaca_en.json", _json_array(alpaca("en", 5002))),
         ("conversations.jsonl", _jsonl(conversations())),
         ("preference_pairs.jsonl", _jsonl(preference_pairs())),
-        ("dataset_info.json", json.dumps(DATASET_INFO, ensure_ascii=False, indent=2) + "\n"),
+        ("dataset_info.json", json.dumps(registry, ensure_ascii=False, indent=2) + "\n"),
     ]
 
 

@@ -106,10 +106,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--deepspeed {args.deepspeed} is not valid JSON: {error}")
         if not isinstance(config, dict) or "zero_optimization" not in config:
             parser.error(f"--deepspeed {args.deepspeed} has no 'zero_optimization' section: not a ZeRO config")
-    from helpers.data import dataset_info, dataset_names
+    from helpers.data import dataset_info, dataset_names, real_dataset_names
 
-    if args.dataset not in dataset_names():
-        parser.error(f"--dataset {args.dataset!r} is unknown; known: {', '.join(dataset_names())}")
+    known = dataset_names() + real_dataset_names()  # real ones load online (offline, load_dataset names the stand-in)
+    if args.dataset not in known:
+        parser.error(f"--dataset {args.dataset!r} is unknown; known: {', '.join(known)}")
     fmt = dataset_info(args.dataset)["format"]
     if fmt not in PROMPT_RESPONSE_COLUMNS:
         parser.error(f"--dataset {args.dataset!r} has format {fmt!r}; this script trains the prompt/response "

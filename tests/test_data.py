@@ -30,6 +30,12 @@ COLUMNS = {"promptcblue_ctc": ["input", "target", "answer_choices", "sample_id",
            "preference_pairs": ["prompt", "chosen", "rejected", "answer"], "corpus": ["text"]}
 
 
+@pytest.fixture(autouse=True)
+def no_user_registry(tmp_path, monkeypatch):
+    """The course's registry only: a learner's data/my_datasets.json (tests/test_real_data.py) stays out."""
+    monkeypatch.setattr(hd, "USER_REGISTRY", tmp_path / "my_datasets.json")
+
+
 def _generator():
     spec = importlib.util.spec_from_file_location("course_data_generate", REPO / "data" / "generate.py")
     module = importlib.util.module_from_spec(spec)
