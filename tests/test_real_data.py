@@ -7,7 +7,6 @@ builder, so the column mapping, the checks and the concatenation are the real on
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -76,11 +75,7 @@ def hub(tmp_path, monkeypatch):
 
 # --- the registry ----------------------------------------------------------------------------------------------
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("course_data_generate", REPO / "data" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from test_data import _generator  # noqa: E402  (data/generate.py as a module; tests/ is on sys.path, see conftest)
 
 
 def test_real_datasets_are_registered_apart_from_what_loads_here():
