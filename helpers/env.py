@@ -260,3 +260,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def repo_relative(path) -> Path:
+    """`path` as a reader types it: relative to the repository root when it is inside it (commands run from there),
+    else as it is, so that COURSE_OUTPUTS may point anywhere. Taught in notebooks/04_deepspeed_zero.ipynb."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(REPO_ROOT)
+    except ValueError:
+        return path

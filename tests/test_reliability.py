@@ -36,7 +36,7 @@ import torch
 from helpers.checkpoints import (MARKER, CompleteCheckpointCallback, IncompleteCheckpointError, check_checkpoint,
                                  complete_checkpoints, incomplete_checkpoints, is_complete_checkpoint,
                                  latest_complete_checkpoint, mark_complete, remove_incomplete_checkpoints)
-from helpers.env import REPO_ROOT, output_dir
+from helpers.env import OUTPUT_ROOT, REPO_ROOT, output_dir
 
 import _train_for_kill as kill_driver  # tests/_train_for_kill.py; its base model is conftest's `tiny_model_dir`
 from _tiny import tiny_dataset, tiny_tokenizer
@@ -280,11 +280,11 @@ def test_output_dir_is_emptied_on_purpose_so_reruns_never_mix():
         first = output_dir(name)
         (first / "from_run_1.txt").write_text("old")
         second = output_dir(name)
-        assert second == first == REPO_ROOT / "outputs" / name and list(second.iterdir()) == []
+        assert second == first == OUTPUT_ROOT / name and list(second.iterdir()) == []  # outputs/ unless COURSE_OUTPUTS
         (second / "kept.txt").write_text("x")
         assert (output_dir(name, clean=False) / "kept.txt").exists()  # clean=False only when asked
     finally:
-        shutil.rmtree(REPO_ROOT / "outputs" / name, ignore_errors=True)
+        shutil.rmtree(OUTPUT_ROOT / name, ignore_errors=True)
     assert "outputs/" in (REPO_ROOT / ".gitignore").read_text().split()
 
 
@@ -387,3 +387,10 @@ def test_notebook_00_reruns_identically_twice_in_one_kernel_and_in_a_fresh_one(t
     assert _snapshot(course) == before, "the notebook wrote or changed files outside outputs/"
     hub = tmp_path / "hf-home" / "hub"
     assert not hub.exists() or not any(hub.iterdir()), "nothing may be downloaded into the Hugging Face cache"
+
+
+def test_repo_relative_shows_paths_inside_the_repository_relative_and_others_as_they_are(tmp_path):
+    from helpers.env import repo_relative
+
+    assert repo_relative(REPO_ROOT / "outputs" / "x") == Path("outputs/x")
+    assert repo_relative(tmp_path / "x") == tmp_path / "x"  # COURSE_OUTPUTS may point outside the repository
