@@ -98,6 +98,14 @@ KNOWN_CONFIGS: dict[str, dict] = {
         intermediate_size=22016, vocab_size=32000, tie_word_embeddings=False, mlp="swiglu",
         qkv_bias=False, linear_bias=False, norm_bias=False, embedding_norm=False,
         source="https://huggingface.co/huggyllama/llama-65b/blob/main/config.json"),
+    # GLM-4-9B as transformers converted it (GlmForCausalLM, no remote code): grouped-query attention with 2 key/value
+    # heads, SwiGLU with gate and up fused in one gate_up_proj, RMSNorm, bias on q/k/v only, untied output head.
+    "THUDM/glm-4-9b-chat-hf": dict(
+        model_type="glm", hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=2,
+        intermediate_size=13696, vocab_size=151552, tie_word_embeddings=False, mlp="swiglu",
+        qkv_bias=True, linear_bias=False, norm_bias=False, embedding_norm=False, fused_gate_up=True,
+        source="https://huggingface.co/THUDM/glm-4-9b-chat/blob/9918c3fe7aab6a2100b5fd7117f5464ffb86c5d3/config.json "
+               "(the transformers-native GlmForCausalLM config)"),
     "mistralai/Mistral-7B-v0.1": dict(
         model_type="mistral", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
         intermediate_size=14336, vocab_size=32000, tie_word_embeddings=False, mlp="swiglu",
@@ -128,20 +136,22 @@ def _facts_from_config(config) -> dict:
     get = lambda *names, default=None: next(  # noqa: E731
         (getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
     model_type = getattr(config, "model_type", None)
-    if model_type not in ("gpt_neox", "bloom", "llama", "mistral", "qwen2"):
+    if model_type not in ("gpt_neox", "bloom", "llama", "mistral", "qwen2", "glm", "glm4"):
         raise ValueError(f"cannot read the architecture of model_type={model_type!r}; supported: gpt_neox, bloom, "
-                         f"llama, mistral, qwen2, or a name from KNOWN_CONFIGS: {', '.join(KNOWN_CONFIGS)}")
+                         f"llama, mistral, qwen2, glm, glm4, or a name from KNOWN_CONFIGS: {', '.join(KNOWN_CONFIGS)}")
     hidden = get("hidden_size", "n_embed")
     heads = get("num_attention_heads", "n_head")
-    swiglu = model_type in ("llama", "mistral", "qwen2")
+    swiglu = model_type in ("llama", "mistral", "qwen2", "glm", "glm4")
+    glm = model_type in ("glm", "glm4")
     return dict(
         model_type=model_type, hidden_size=hidden, num_layers=get("num_hidden_layers", "n_layer"),
         num_heads=heads, num_kv_heads=get("num_key_value_heads", default=heads),
         intermediate_size=get("intermediate_size", default=4 * hidden), vocab_size=config.vocab_size,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)), mlp="swiglu" if swiglu else "gelu",
-        qkv_bias=model_type in ("gpt_neox", "bloom", "qwen2") and bool(get("attention_bias", default=True)),
+        qkv_bias=model_type in ("gpt_neox", "bloom", "qwen2", "glm", "glm4") and bool(get("attention_bias", default=True)),
         linear_bias=model_type in ("gpt_neox", "bloom"), norm_bias=not swiglu,
-        embedding_norm=model_type == "bloom", source=getattr(config, "_name_or_path", "") or "config")
+        embedding_norm=model_type == "bloom", fused_gate_up=glm,
+        source=getattr(config, "_name_or_path", "") or "config")
 
 
 def architecture(config_or_name) -> dict:
@@ -165,8 +175,11 @@ def _block_linears(a: dict) -> list[tuple[str, int, int, bool]]:
         up = 2 * i if a.get("fused_gate_up") else i
         return [("query_key_value", h, h + 2 * kv, a["qkv_bias"]), ("dense", h, h, lb),
                 ("dense_h_to_4h", h, up, lb), ("dense_4h_to_h", i, h, lb)]
-    return [("q_proj", h, h, a["qkv_bias"]), ("k_proj", h, kv, a["qkv_bias"]), ("v_proj", h, kv, a["qkv_bias"]),
-            ("o_proj", h, h, False), ("gate_proj", h, i, False), ("up_proj", h, i, False), ("down_proj", i, h, False)]
+    attention = [("q_proj", h, h, a["qkv_bias"]), ("k_proj", h, kv, a["qkv_bias"]), ("v_proj", h, kv, a["qkv_bias"]),
+                 ("o_proj", h, h, False)]
+    if a.get("fused_gate_up"):  # GLM: gate and up in one matrix
+        return attention + [("gate_up_proj", h, 2 * i, False), ("down_proj", i, h, False)]
+    return attention + [("gate_proj", h, i, False), ("up_proj", h, i, False), ("down_proj", i, h, False)]
 
 
 def count_parameters_from_config(config_or_name) -> dict:
@@ -251,17 +264,23 @@ def prefix_parameters(config_or_name, pre_seq_len: int = 16, prefix_projection: 
     ChatGLM2-6B's PrefixEncoder (multi-query attention) stores only the key/value groups: its width
     is kv = layers*2*kv_channels*multi_query_group_num (28*2*128*2 = 14336, 16x less than
     layers*2*hidden), and with the projection the table is Embedding(N, kv) -> Linear(kv, H) -> Tanh
-    -> Linear(H, kv), H = hidden_size. Taught in notebooks/03_ptuning_and_methods.ipynb."""
+    -> Linear(H, kv), H = hidden_size. peft does the same for every grouped-query model (GLM-4, Mistral):
+    its token_dim becomes head_dim * num_key_value_heads, and the projection's width defaults to it.
+    Taught in notebooks/03_ptuning_and_methods.ipynb."""
     a = architecture(config_or_name)
     if not isinstance(pre_seq_len, int) or pre_seq_len < 1:
         raise ValueError(f"pre_seq_len must be a positive integer, got {pre_seq_len!r}")
     h, L = a["hidden_size"], a["num_layers"]
     H = prefix_hidden_size or h
-    if a["model_type"] == "chatglm" and a["num_kv_heads"] != a["num_heads"]:  # ChatGLM2: MQA groups
-        kv = L * 2 * a["num_kv_heads"] * (h // a["num_heads"])
+    if a["num_kv_heads"] != a["num_heads"]:  # grouped-query attention: only the key/value groups
+        kv_width = a["num_kv_heads"] * (h // a["num_heads"])
+        kv = L * 2 * kv_width
+        if a["model_type"] == "chatglm":  # ChatGLM2's own PrefixEncoder
+            return pre_seq_len * kv if not prefix_projection else pre_seq_len * kv + (kv * H + H) + (H * kv + kv)
+        H = prefix_hidden_size or kv_width  # peft: Embedding(N, kv_width) -> Linear(kv_width, H) -> Linear(H, kv)
         if not prefix_projection:
             return pre_seq_len * kv
-        return pre_seq_len * kv + (kv * H + H) + (H * kv + kv)
+        return pre_seq_len * kv_width + (kv_width * H + H) + (H * kv + kv)
     out = L * 2 * h
     if not prefix_projection:
         return pre_seq_len * out
@@ -546,3 +565,164 @@ def estimate_memory(model, *, weights: str = "fp16", method: str = "lora", lora_
     parameters = {"total": total, "trainable": trainable, "adapter": adapter, "frozen": frozen}
     return MemoryEstimate(components=components, settings=settings, parameters=parameters,
                           cpu_offloaded=float(states["cpu"]), notes=notes)
+
+
+# --- The recipes: will each one fit the reader's GPU? ---------------------------------------------
+# One GPU per profile: its total memory as nvidia-smi shows it (T4 15,360 MiB, L4 23,034 MiB, A100 40,960 and
+# 81,920 MiB: the "16 GB", "24 GB", "40 GB" and "80 GB" of the data sheets), and the 16-bit type it computes in
+# (bf16 needs compute capability 8.0 or newer; a T4 is 7.5, so fp16 there). Colab's free GPU is the T4.
+GPU_PROFILES: dict[str, dict] = {
+    "T4": dict(memory_gib=15.0, dtype="fp16", note="16 GB; Colab's free GPU (compute capability 7.5: fp16)"),
+    "L4": dict(memory_gib=22.5, dtype="bf16", note="24 GB; Colab's mid tier (compute capability 8.9)"),
+    "A100-40GB": dict(memory_gib=40.0, dtype="bf16", note="40 GB; Colab's top tier, most clouds (8.0)"),
+    "A100-80GB": dict(memory_gib=80.0, dtype="bf16", note="80 GB; clouds, clusters (8.0)"),
+}
+# Kept free for what the estimate does not count: the CUDA context (~0.3-0.5 GiB), cuBLAS workspaces and the
+# caching allocator's fragmentation. The course's choice, not a measured constant.
+CUDA_RESERVE_GIB = 1.0
+
+
+class RecipeWontFit(MemoryError):
+    """A recipe is predicted not to fit the chosen GPU: raised before anything loads."""
+
+
+def recipe_constants(path) -> dict:
+    """The module-level constants of a recipe script (`NAME = <literal>`, `A, B = <literal>, <literal>`), read with
+    ast, nothing executed."""
+    import ast
+    from pathlib import Path
+
+    path = Path(path)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    constants = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+            continue
+        target, value = node.targets[0], node.value
+        pairs = [(target, value)]
+        if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple) and len(target.elts) == len(value.elts):
+            pairs = list(zip(target.elts, value.elts))
+        for name, expression in pairs:
+            if isinstance(name, ast.Name) and name.id.isupper():
+                try:
+                    constants[name.id] = ast.literal_eval(expression)
+                except ValueError:
+                    pass  # computed, not a setting
+    return constants
+
+
+def _need(constants: dict, path, *names):
+    missing = [n for n in names if n not in constants]
+    if missing:
+        raise ValueError(f"{path}: the memory check needs the constants {missing} (literal values at the top)")
+    return [constants[n] for n in names]
+
+
+def _recipe_kwargs(stem: str, c: dict, dtype: str, path) -> dict:
+    """estimate_memory's arguments for one recipe, from its constants. One entry per recipe in recipes/."""
+    model, batch, seq, ckpt = _need(c, path, "MODEL", "BATCH_SIZE", "MAX_LENGTH", "GRADIENT_CHECKPOINTING")
+    common = dict(batch_size=batch, seq_len=seq, gradient_checkpointing=ckpt, compute_dtype=dtype)
+    lora = dict(lora_r=c.get("LORA_R", 8), lora_dropout=c.get("LORA_DROPOUT", 0.0))
+    if stem.startswith("01_"):    # LoRA over 16-bit weights
+        return dict(model=model, weights=dtype, method="lora", **lora, **common)
+    if stem.startswith("02_"):    # QLoRA: NF4 + double quantization, paged AdamW
+        return dict(model=model, weights="nf4-dq", method="qlora", **lora,
+                    optimizer="paged-adamw-32bit", **common)
+    if stem.startswith("03_"):    # P-Tuning v2 or LoRA on a GLM model
+        if c.get("METHOD", "p-tuning-v2") == "lora":
+            return dict(model=model, weights=dtype, method="lora", **lora, **common)
+        return dict(model=model, weights=dtype, method="ptuning-v2", pre_seq_len=c["PRE_SEQ_LEN"],
+                    prefix_projection=c.get("PREFIX_PROJECTION", False), **common)
+    if stem.startswith("04_"):    # DeepSpeed ZeRO over NUM_GPUS, full fine-tuning or LoRA
+        stage, gpus = _need(c, path, "ZERO_STAGE", "NUM_GPUS")
+        if c.get("USE_LORA", False):
+            return dict(model=model, weights=dtype, method="lora", **lora, zero_stage=stage,
+                        num_devices=gpus, **common)
+        return dict(model=model, weights=dtype, method="full", zero_stage=stage, num_devices=gpus, **common)
+    if stem.startswith("05_"):    # DPO with LoRA: chosen and rejected go through the model together
+        return dict(model=model, weights=dtype, method="lora", **lora,
+                    **(common | {"batch_size": 2 * batch}))
+    raise ValueError(f"{path}: no memory model for this recipe; add its entry to helpers.memory._recipe_kwargs")
+
+
+def recipe_memory(path, gpu: str) -> MemoryEstimate:
+    """Predicted peak of one GPU for a recipe script at its full-size values, on a GPU profile."""
+    from pathlib import Path
+
+    from .env import REPO_ROOT
+
+    _check("gpu", gpu, GPU_PROFILES)
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():  # a notebook runs in notebooks/: recipes/ is the course's
+        path = REPO_ROOT / path
+    dtype = GPU_PROFILES[gpu]["dtype"]
+    kwargs = _recipe_kwargs(path.stem, recipe_constants(path), dtype, path)
+    estimate = estimate_memory(kwargs.pop("model"), **kwargs)
+    if kwargs["method"] == "qlora":
+        # prepare_model_for_kbit_training casts what is not quantized (embeddings, norms, biases) to fp32
+        counts = count_parameters_from_config(estimate.settings["model"])
+        estimate.components["fp32 upcast"] = (counts["total"] - counts["quantizable"]) * (4 - _FLOAT_BYTES[dtype])
+        estimate.notes.append("prepare_model_for_kbit_training: the unquantized parameters in fp32")
+    return estimate
+
+
+def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
+    """A table of a recipe's predicted peak on every GPU profile, with ✓/✗; stops early if it will not fit.
+
+    With full_size=True (the notebook's FULL_SIZE) and a profile `gpu` the recipe does not fit, raises
+    RecipeWontFit with the prediction, the largest component and what to change: an hour before an out-of-memory
+    error would have said less. Taught in the recipe sections of notebooks 01-05; the memory model in 02 and 08.
+    """
+    import pandas as pd
+
+    _check("gpu", gpu, GPU_PROFILES)
+    rows = []
+    for name, profile in GPU_PROFILES.items():
+        estimate = recipe_memory(path, name)
+        usable = profile["memory_gib"] - CUDA_RESERVE_GIB
+        rows.append({"GPU": name, "dtype": profile["dtype"], "predicted GiB": round(estimate.gib(), 1),
+                     "usable GiB": usable, "fits": "✓" if estimate.gib() <= usable else "✗",
+                     "chosen": "←" if name == gpu else ""})
+    table = pd.DataFrame(rows).set_index("GPU")
+    chosen = table.loc[gpu]
+    if full_size and chosen["fits"] == "✗":
+        estimate = recipe_memory(path, gpu)
+        biggest = max(estimate.components, key=estimate.components.get)
+        fits = [name for name in table.index if table.loc[name, "fits"] == "✓"]
+        advice = {
+            "weights": "the weights alone are too big: quantize them (notebook 02's QLoRA recipe) or shard them "
+                       "over more GPUs (notebook 04's ZeRO-3)",
+            "activations": "lower BATCH_SIZE (raise GRADIENT_ACCUMULATION to keep the batch), shorten MAX_LENGTH, "
+                           "or set GRADIENT_CHECKPOINTING = True",
+        }.get(biggest, "train fewer parameters (LoRA), shard the states (ZeRO) or use an 8-bit optimizer")
+        raise RecipeWontFit(
+            f"{path}: predicted {estimate.gib():.1f} GiB on one {gpu}, which has {chosen['usable GiB']:g} GiB "
+            f"usable ({GPU_PROFILES[gpu]['memory_gib']:g} GiB less {CUDA_RESERVE_GIB:g} for the CUDA context). "
+            f"The largest part is {biggest} ({estimate.gib(biggest):.1f} GiB): {advice}. "
+            f"It fits: {', '.join(fits) or 'none of the profiles'}. Set GPU to the card you have, or FULL_SIZE = False.")
+    return table
+
+
+def recipes_table(folder=None) -> str:
+    """Markdown: every recipe's predicted peak GiB on every GPU profile (lesson 08's table)."""
+    from pathlib import Path
+
+    folder = Path(folder) if folder else Path(__file__).resolve().parents[1] / "recipes"
+    header = "| recipe | model | " + " | ".join(f"{g} ({p['memory_gib']:g} GiB, {p['dtype']})"
+                                                for g, p in GPU_PROFILES.items()) + " |"
+    lines = [header, "|---|---|" + "---|" * len(GPU_PROFILES)]
+    for path in sorted(folder.glob("[0-9][0-9]_*.py")):
+        cells = []
+        for gpu, profile in GPU_PROFILES.items():
+            gib = recipe_memory(path, gpu).gib()
+            cells.append(f"{gib:.1f} {'✓' if gib <= profile['memory_gib'] - CUDA_RESERVE_GIB else '✗'}")
+        lines.append(f"| `recipes/{path.name}` | `{recipe_constants(path)['MODEL']}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--recipes"]:
+        sys.exit("usage: python -m helpers.memory --recipes   (the recipes' predicted memory per GPU, as markdown)")
+    print(recipes_table())

@@ -201,3 +201,38 @@ def test_bad_models_and_stages():
     with pytest.raises(ValueError, match="offload_optimizer needs ZeRO stage"):
         zero_model_states(10, stage=0, num_devices=2, offload_optimizer=True)
     assert set(KNOWN_CONFIGS) >= {BLOOM, "huggyllama/llama-65b", "THUDM/chatglm-6b", "EleutherAI/pythia-70m-deduped"}
+
+
+def test_glm4_9b_from_its_config():
+    from helpers.memory import count_parameters_from_config
+
+    counts = count_parameters_from_config("THUDM/glm-4-9b-chat-hf")
+    assert round(counts["total"] / 1e9, 1) == 9.4  # "GLM-4-9B": 9.4B with its untied 151,552-row head
+    names = [name for name, *_ in counts["linear_layers"]]
+    assert names == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_parameters_equal_peft_on_grouped_query_attention(projection):
+    """peft's prefix for GQA holds only the key/value heads (token_dim = head_dim * num_key_value_heads)."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from helpers.memory import lora_parameters, prefix_parameters
+
+    config = GlmConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                       eos_token_id=1, bos_token_id=None)
+    model = get_peft_model(GlmForCausalLM(config), PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=projection))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == prefix_parameters(config, 5, projection)
+    assert lora_parameters(config, 4) == 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + (64 + 192) + (96 + 64))
+
+
+def test_recipe_constants_read_literals_and_tuples_only(tmp_path):
+    from helpers.memory import recipe_constants
+
+    script = tmp_path / "01_x.py"
+    script.write_text('import os\nMODEL = "m"\nA, B = 1, (2, 3)\nC = os.getcwd()\nlower = 5\nD: int = 4\n')
+    assert recipe_constants(script) == {"MODEL": "m", "A": 1, "B": (2, 3)}
