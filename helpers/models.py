@@ -202,7 +202,8 @@ def load_model(name: str = DEFAULT_MODEL, *, quantization: str | None = None, dt
     "sequence-classification" (a reward model, `num_labels` outputs). Prints what was loaded and why.
     `name` may also be the ModelChoice that `resolve_model` returned (resolved once for several loads).
     Weights are loaded from safetensors only (never unpickled); `trust_remote_code` stays False unless
-    you pass True with a pinned `revision` (a commit hash).
+    you pass True with a pinned `revision` (a commit hash). With a CUDA GPU the model loads onto GPU 0 with
+    `device_map` (never through CPU RAM); on a CPU it loads in float32 unless `dtype` says otherwise.
     Taught in notebooks/00_setup_and_tour.ipynb; quantized loading in notebooks/02_qlora.ipynb.
     """
     import torch
@@ -241,6 +242,10 @@ def load_model(name: str = DEFAULT_MODEL, *, quantization: str | None = None, dt
                 load_in_4bit=True, bnb_4bit_quant_type=quantization,
                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
         kwargs.update(quantization_config=config, device_map={"": 0} if cuda else "cpu")
+    elif cuda:
+        # Straight onto the GPU, tensor by tensor: a 7B model is never staged whole in CPU RAM, which can be
+        # smaller than its 16-bit weights (7.07B parameters: 14 GB for bloom-7b1).
+        kwargs["device_map"] = {"": 0}
     if dtype is not None:
         kwargs["dtype"] = dtype
     elif not cuda and not quantization:
@@ -261,8 +266,6 @@ def load_model(name: str = DEFAULT_MODEL, *, quantization: str | None = None, dt
                       f"a file can run code ({error})") from error
     if quantization and not cuda:
         keep_cpu_4bit_weights_trainable(model)
-    elif cuda and not quantization:
-        model = model.to("cuda")
     if head == "sequence-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if verbose:

@@ -130,3 +130,33 @@ def test_evaluating_puts_mode_and_padding_back_also_after_an_error():
         model.train()  # whatever happens inside, the state from before comes back
         raise RuntimeError("boom")
     assert not model.training and tokenizer.padding_side == "right"
+
+
+def _recorded_load(monkeypatch, cuda: bool, **load_kwargs):
+    """load_model's from_pretrained arguments with torch.cuda.is_available() answering `cuda` (no GPU needed)."""
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(path, **kwargs):
+        seen.update(kwargs)
+        return real(path, **{k: v for k, v in kwargs.items() if k != "device_map"})  # built here, on the CPU
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    model = models.load_model(verbose=False, **load_kwargs)
+    return seen, model
+
+
+def test_with_a_gpu_a_model_loads_straight_onto_it(monkeypatch):
+    # A 7B model must never be staged in CPU RAM and then moved: device_map puts every tensor on GPU 0 as it loads.
+    # (The model comes back on the CPU here, where there is no GPU; a .to("cuda") after loading would fail.)
+    seen, model = _recorded_load(monkeypatch, cuda=True, dtype=torch.bfloat16)
+    assert seen["device_map"] == {"": 0} and seen["dtype"] is torch.bfloat16
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_on_a_cpu_a_model_loads_as_before(monkeypatch):
+    seen, _ = _recorded_load(monkeypatch, cuda=False)
+    assert "device_map" not in seen and seen["dtype"] is torch.float32  # float32, no device map
+    seen, _ = _recorded_load(monkeypatch, cuda=False, quantization="nf4", compute_dtype=torch.float32)
+    assert seen["device_map"] == "cpu" and seen["quantization_config"].bnb_4bit_quant_type == "nf4"

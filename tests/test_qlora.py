@@ -100,3 +100,54 @@ def test_compute_dtype_asks_for_a_gpu_that_is_not_there():
 def test_compute_dtype_on_gpu_follows_the_compute_capability():
     major, _ = torch.cuda.get_device_capability()
     assert preferred_compute_dtype("cuda") is (torch.bfloat16 if major >= 8 else torch.float16)
+
+
+# --- recipes/02_qlora.py: the parts that must agree with what notebook 02 teaches ---------------------------------
+def _recipe_functions(**namespace):
+    """The recipe's functions, defined without running the script (it would load bloom-7b1)."""
+    import ast
+    import json
+    import os
+    import re
+
+    from helpers.env import REPO_ROOT
+
+    tree = ast.parse((REPO_ROOT / "recipes" / "02_qlora.py").read_text(encoding="utf-8"))
+    functions = ast.Module([node for node in tree.body if isinstance(node, ast.FunctionDef)], type_ignores=[])
+    namespace = {"json": json, "os": os, "re": re, **namespace}
+    exec(compile(functions, "recipes/02_qlora.py", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("max_length", [1024, 24])
+def test_recipe_formats_chats_as_the_notebook_teaches(max_length):
+    # The recipe writes the <s>q1</s>a1</s>q2</s>a2</s> format out in plain code; it must equal
+    # helpers.prompts.tokenize_conversation, token for token and label for label, cut or not.
+    from helpers.data import load_dataset
+    from helpers.models import load_tokenizer
+    from helpers.prompts import IGNORE_INDEX, tokenize_conversation
+
+    tokenizer = load_tokenizer()
+    tokenize = _recipe_functions(tokenizer=tokenizer, MAX_LENGTH=max_length)["tokenize"]
+    cut = 0
+    for row in load_dataset("conversations"):
+        ours = tokenize(row)
+        try:
+            assert ours == tokenize_conversation(tokenizer, row["conversation"], max_length)
+        except ValueError:  # the first answer lies beyond max_length: the recipe filters such rows out
+            assert set(ours["labels"]) == {IGNORE_INDEX}
+        cut += len(ours["input_ids"]) == max_length
+    assert (cut > 0) == (max_length == 24)  # the short limit really cuts conversations
+
+
+def test_recipe_resumes_from_the_last_complete_checkpoint(tmp_path):
+    last_complete_checkpoint = _recipe_functions()["last_complete_checkpoint"]
+    assert last_complete_checkpoint(str(tmp_path / "missing")) is None
+    assert last_complete_checkpoint(str(tmp_path)) is None
+    for step, state in [(10, '{"global_step": 10}'), (20, '{"global_st'), (30, None)]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-final").mkdir()  # not a checkpoint-<step> folder
+    # 30: killed before trainer_state.json (written last); 20: killed while writing it. 10 is the last complete one.
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
