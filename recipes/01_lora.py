@@ -3,14 +3,15 @@
 # Needs: pip install torch transformers peft datasets accelerate. bloom-7b1 in 16 bits needs an L4 (24 GB) or larger;
 # on Colab's free T4 use recipes/02_qlora.py. PromptCBLUE is not on the Hub: download it (its README says where) and
 # point DATA at train.json. Checkpoints go to OUTPUT_DIR every SAVE_STEPS; run it again and it resumes.
+import json
 import os
+import re
 
 import torch
 from datasets import load_dataset
 from peft import LoraConfig, get_peft_model
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments,
                           set_seed)
-from transformers.trainer_utils import get_last_checkpoint
 
 MODEL = "bigscience/bloom-7b1"
 DATA = "PromptCBLUE/train.json"     # JSON Lines with "input" (the whole prompt) and "target" (the answer)
@@ -60,9 +61,24 @@ args = TrainingArguments(
     warmup_steps=MAX_STEPS // 10, logging_steps=max(1, min(10, MAX_STEPS // 5)), save_steps=SAVE_STEPS,
     save_total_limit=3, bf16=bf16, fp16=gpu and not bf16, gradient_checkpointing=GRADIENT_CHECKPOINTING,
     gradient_checkpointing_kwargs={"use_reentrant": False}, seed=SEED, report_to="none", use_cpu=not gpu)
+def last_complete_checkpoint(folder):
+    # Like transformers.trainer_utils.get_last_checkpoint, but a checkpoint-N folder counts only once the Trainer has
+    # written its trainer_state.json (it writes it last): a run killed mid-save resumes from the one before.
+    steps = [int(name.split("-")[1]) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if re.fullmatch(r"checkpoint-\d+", name)]
+    for step in sorted(steps, reverse=True):
+        try:
+            with open(os.path.join(folder, f"checkpoint-{step}", "trainer_state.json")) as file:
+                json.load(file)
+            return os.path.join(folder, f"checkpoint-{step}")
+        except (OSError, ValueError):  # missing, or cut off mid-write
+            continue
+    return None
+
+
 trainer = Trainer(model=model, args=args, train_dataset=train,
                   data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-last = get_last_checkpoint(OUTPUT_DIR) if os.path.isdir(OUTPUT_DIR) else None
+last = last_complete_checkpoint(OUTPUT_DIR)
 print(f"resuming from {last}" if last else "training from the start")
 trainer.train(resume_from_checkpoint=last)
 trainer.save_model(OUTPUT_DIR)      # the adapter (a few MB) and its config, beside the checkpoints

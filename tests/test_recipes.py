@@ -92,8 +92,41 @@ def test_recipe_is_full_size_and_resumable(recipe):
         assert name in constants, f"{recipe.name}: no literal {name} at the top"
     assert constants["MAX_STEPS"] >= 500 and constants["SAVE_STEPS"] < constants["MAX_STEPS"], recipe.name
     text = recipe.read_text(encoding="utf-8")
-    assert "get_last_checkpoint" in text and "resume_from_checkpoint" in text, f"{recipe.name} does not resume"
+    assert re.search(r"\.train\(resume_from_checkpoint=\w+\)", text), f"{recipe.name} does not resume"
     assert "device_map" in text or "deepspeed" in text, f"{recipe.name}: big models load with device_map"
+
+
+def _function(recipe: Path, name: str) -> str:
+    tree = ast.parse(recipe.read_text(encoding="utf-8"))
+    found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+    assert len(found) == 1, f"{recipe.name} defines no {name}()"
+    return ast.dump(found[0])
+
+
+def test_recipes_resume_the_same_way():
+    """Every recipe finds its checkpoint with one function (a folder counts once trainer_state.json, written last,
+    reads back), copied into each so that each stays self-contained: the copies must not drift apart."""
+    reference = _function(RECIPES[0], "last_complete_checkpoint")
+    for recipe in RECIPES[1:]:
+        assert _function(recipe, "last_complete_checkpoint") == reference, \
+            f"{recipe.name}'s last_complete_checkpoint differs from {RECIPES[0].name}'s"
+
+
+def test_last_complete_checkpoint_skips_a_save_cut_short(tmp_path):
+    namespace = {}
+    exec(compile(ast.Module([ast.parse("import json, os, re").body[0],
+                             *[n for n in ast.parse(RECIPES[0].read_text()).body
+                               if isinstance(n, ast.FunctionDef) and n.name == "last_complete_checkpoint"]],
+                            type_ignores=[]), "recipe", "exec"), namespace)
+    find = namespace["last_complete_checkpoint"]
+    assert find(tmp_path / "missing") is None and find(tmp_path) is None
+    for step, state in ((100, '{"global_step": 100}'), (200, '{"global_step": 200}'), (300, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-400").mkdir()  # killed before trainer_state.json
+    assert find(tmp_path) == str(tmp_path / "checkpoint-200")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100", "checkpoint-200", "checkpoint-300",
+                                                         "checkpoint-400"]  # nothing deleted
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
