@@ -31,6 +31,51 @@ ARCHITECTURE = dict(vocab_size=4096, hidden_size=128, num_hidden_layers=6, num_a
                     bos_token_id=0, eos_token_id=0, pad_token_id=1)
 PRETRAINING = dict(steps=1000, batch_size=16, block_size=128, lr=2e-3, warmup=100, weight_decay=0.01, seed=0)
 
+# The course's conversation format as a chat template (Jinja, what `tokenizer.apply_chat_template` renders):
+# `<s>q1</s>a1</s>q2</s>`, the tokens of helpers.prompts.tokenize_conversation, which every course chat trains on.
+# The `{% generation %}` block marks the answers (and their </s>), the tokens that format trains on, for
+# `return_assistant_tokens_mask=True` (TRL's `assistant_only_loss`). Taught in notebooks/07_export_chat_api.ipynb.
+CHAT_TEMPLATE = r"""
+{#- <s> and </s> are the tokenizer's BOS and EOS. A system (or developer) message has no slot of its own in the
+    course's format: it goes in front of the next user message, on a line of its own. The prompt already ends where
+    the answer starts, so add_generation_prompt adds nothing. -#}
+{{- bos_token -}}
+{%- set pending = namespace(system='') -%}
+{%- for message in messages -%}
+    {%- if message['content'] is string -%}
+        {%- set text = message['content'] -%}
+    {%- elif message['content'] | rejectattr('type', 'equalto', 'text') | list -%}
+        {{- raise_exception('only text content parts ({"type": "text", "text": ...}) are supported') -}}
+    {%- else -%}
+        {%- set text = message['content'] | map(attribute='text') | join('') -%}
+    {%- endif -%}
+    {%- if message['role'] in ['system', 'developer'] -%}
+        {%- set pending.system = text -%}
+    {%- elif message['role'] == 'user' -%}
+        {%- if pending.system -%}
+            {{- pending.system ~ '\n' -}}
+            {%- set pending.system = '' -%}
+        {%- endif -%}
+        {{- text ~ eos_token -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {%- generation -%}{{- text ~ eos_token -}}{%- endgeneration -%}
+    {%- else -%}
+        {{- raise_exception("unknown role '" ~ message['role'] ~ "': use system, developer, user or assistant") -}}
+    {%- endif -%}
+{%- endfor -%}
+"""
+
+
+def add_chat_template(tokenizer, template: str = CHAT_TEMPLATE):
+    """Give `tokenizer` the course's chat template (replacing any it had) and return it.
+
+    `apply_chat_template(messages)` then renders the format the course's chats are trained on, and
+    `save_pretrained` writes the template beside the tokenizer (`chat_template.jinja`), so an exported folder
+    carries it. The weights are not touched. Taught in notebooks/07_export_chat_api.ipynb.
+    """
+    tokenizer.chat_template = template
+    return tokenizer
+
 
 def train_tokenizer(corpus: Path, vocab_size: int):
     """A byte-level BPE (the GPT-NeoX kind) trained on the course corpus, wrapped for transformers."""
@@ -137,6 +182,38 @@ def build(out_dir: Path = STANDIN_DIR, steps: int = PRETRAINING["steps"], corpus
 def weights_digest(folder: Path) -> str:
     """SHA-256 of the saved weights, to check that a rebuild reproduced them."""
     return hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()
+
+
+# GLM-4's architecture (transformers' GlmForCausalLM, model_type "glm") at toy size. THUDM/glm-4-9b-chat-hf has
+# 32 query heads sharing 2 key/value heads of width 128; here 4 query heads share 2 of width 16, so the prefix
+# and the cache are sized by the key/value heads exactly as in the full model.
+TINY_GLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+
+
+def build_tiny_glm(out_dir: Path, seed: int = 0) -> Path:
+    """Save a RANDOMLY INITIALISED tiny GlmForCausalLM (TINY_GLM) with the stand-in's tokenizer to `out_dir`.
+
+    It runs notebook 03's GLM-4 recipe (recipes/03_glm_ptuning.py) end to end on a CPU in seconds: loading,
+    P-Tuning v2 or LoRA, training, checkpoints, reloading, generation. Its weights are random, so what it
+    trains tests the code path and learns nothing. The caller's random state is left as it was.
+    Taught in notebooks/03_ptuning_and_methods.ipynb.
+    """
+    import torch
+    from transformers import AutoTokenizer, GlmConfig, GlmForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(STANDIN_DIR)
+    config = GlmConfig(vocab_size=len(tokenizer), **TINY_GLM, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                       tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GlmForCausalLM(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
 
 
 def main(argv=None) -> None:
