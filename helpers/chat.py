@@ -50,6 +50,35 @@ def conversation_prompt_ids(tokenizer, history: list[dict], message: str,
         kept = kept[1:]
 
 
+def turns_to_messages(turns: list[dict]) -> list[dict]:
+    """The course's `{"human", "assistant"}` turns as chat messages: `[{"role": "user", "content": ...},
+    {"role": "assistant", "content": ...}, ...]`, the shape `apply_chat_template` and TRL's SFTTrainer read.
+
+    A turn whose answer is empty ends the list with its question: the prompt for that answer.
+    Taught in notebooks/07_export_chat_api.ipynb.
+    """
+    messages = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn[HUMAN]})
+        if turn[ASSISTANT]:
+            messages.append({"role": "assistant", "content": turn[ASSISTANT]})
+    return messages
+
+
+def template_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the prompt for the next answer, rendered by the tokenizer's chat template.
+
+    A tokenizer without a template (a base model, the stand-in as shipped) gets the course's
+    (`helpers.standin.CHAT_TEMPLATE`), which gives exactly `conversation_prompt_ids`'s tokens.
+    Taught in notebooks/07_export_chat_api.ipynb.
+    """
+    from .standin import CHAT_TEMPLATE
+
+    template = None if getattr(tokenizer, "chat_template", None) else CHAT_TEMPLATE
+    return list(tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
 @dataclass
 class Generation:
     """What one streamed generation produced, filled in as its tokens arrive."""

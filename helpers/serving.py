@@ -4,10 +4,14 @@
 
 Endpoints (the request and response shapes of OpenAI's Chat Completions API, so its clients work):
   GET  /v1/models             the one model served
-  POST /v1/chat/completions   {"model", "messages": [{"role", "content"}, ...], "max_tokens", "temperature",
-                              "top_p", "seed", "stream"}, and "repetition_penalty" (an extension, as in
-                              vLLM); temperature 0 is greedy. With "stream": true the answer arrives as server-sent
-                              events, `data: {chunk}` lines ending with `data: [DONE]`.
+  POST /v1/chat/completions   {"model", "messages": [{"role", "content"}, ...], "max_completion_tokens" (or the
+                              older "max_tokens"), "temperature", "top_p", "seed", "stop", "stream",
+                              "stream_options": {"include_usage"}}, and "repetition_penalty" (an extension, as in
+                              vLLM); temperature 0 is greedy. Roles: system (or developer), user, assistant;
+                              content: a string or a list of {"type": "text", "text"} parts. The prompt is the
+                              tokenizer's chat template applied to the messages (the course's format when it has
+                              none). With "stream": true the answer arrives as server-sent events, `data: {chunk}`
+                              lines ending with `data: [DONE]`.
 Bad requests get a 4xx status and an OpenAI-style {"error": {"message", "type", "param", "code"}} body,
 and the server keeps serving. The server binds to loopback addresses only: it has no authentication.
 Requests are answered one at a time (one model, one lock). Taught in notebooks/07_export_chat_api.ipynb.
@@ -21,22 +25,36 @@ import ipaddress
 import json
 import subprocess
 import sys
+import itertools
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .chat import ASSISTANT, HUMAN, Generation, conversation_prompt_ids, stream_generate
+from .chat import ASSISTANT, HUMAN, Generation, stream_generate, template_prompt_ids
 from .env import free_port
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
+Role = Literal["system", "developer", "user", "assistant"]
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """One message: `content` is text, or a list of parts of which the server reads `{"type": "text", "text": ...}`."""
+
+    model_config = ConfigDict(extra="ignore")  # e.g. "name"
+    role: Role
+    content: str | list[dict]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -45,12 +63,15 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)  # OpenAI's older name, deprecated for max_completion_tokens
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)  # not OpenAI's: an extension, as in vLLM
+    stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = None
 
 
@@ -66,34 +87,237 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def messages_to_turns(messages: list[ChatMessage]) -> tuple[list[dict], str]:
-    """OpenAI messages -> (history of {"human", "assistant"} turns, the new user message).
+# ----------------------------------------------------------------------------------------------
+# Reading a request: messages, stop sequences, token budget, sampling
+# ----------------------------------------------------------------------------------------------
+def message_text(message: ChatMessage, index: int) -> str:
+    """The text of `messages[index]`: its string, or its text parts joined; any other part is an APIError(400)."""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for j, part in enumerate(message.content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"messages[{index}].content[{j}] is a part of type {part.get('type')!r}: this server "
+                                'reads text only, parts of the form {"type": "text", "text": "..."}',
+                           param=f"messages[{index}].content[{j}]")
+        texts.append(part["text"])
+    return "".join(texts)
 
-    Allowed: an optional first "system" message, then user/assistant alternating, ending with "user".
-    The course's `<s>q</s>a</s>` format has no system slot, so a system message is put in front of the
-    first user message. Raises APIError(400) naming what was wrong.
+
+def normalize_messages(messages: list[ChatMessage]) -> list[dict]:
+    """OpenAI messages -> `[{"role": "system" | "user" | "assistant", "content": text}]`, checked.
+
+    Allowed: an optional first "system" (or "developer", OpenAI's newer name for it, treated as system), then
+    user/assistant alternating, ending with "user": the course's format has no slot for anything else. Content
+    may be a string or a list of text parts. Raises APIError(400) naming what was wrong.
     """
-    messages = list(messages)
-    system = ""
-    if messages and messages[0].role == "system":
-        system, messages = messages[0].content, messages[1:]
-    if not messages:
+    normalized = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
+                  for i, m in enumerate(messages)]
+    offset = 1 if normalized and normalized[0]["role"] == "system" else 0
+    if len(normalized) == offset:
         raise APIError(400, "messages must contain at least one 'user' message", param="messages")
-    for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message.role != expected:
-            where = i + (1 if system else 0)
-            extra = " (a 'system' message is only allowed first)" if message.role == "system" else ""
-            raise APIError(400, f"messages[{where}] has role {message.role!r} but {expected!r} was expected: after "
-                                f"an optional first 'system' message, roles must alternate user, assistant, ..., "
-                                f"user{extra}", param=f"messages[{where}].role")
-    if messages[-1].role != "user":
+    for i in range(offset, len(normalized)):
+        expected = "user" if (i - offset) % 2 == 0 else "assistant"
+        if normalized[i]["role"] != expected:
+            role = messages[i].role
+            extra = f" (a {role!r} message is only allowed first)" if normalized[i]["role"] == "system" else ""
+            raise APIError(400, f"messages[{i}] has role {role!r} but {expected!r} was expected: after an optional "
+                                f"first 'system' (or 'developer') message, roles must alternate user, assistant, ..., "
+                                f"user{extra}", param=f"messages[{i}].role")
+    if normalized[-1]["role"] != "user":
         raise APIError(400, "the last message must have role 'user'", param="messages")
-    contents = [m.content for m in messages]
+    if not normalized[-1]["content"].strip():
+        raise APIError(400, "the last user message is empty", param="messages")
+    return normalized
+
+
+def messages_to_turns(messages: list[ChatMessage]) -> tuple[list[dict], str]:
+    """OpenAI messages -> (history of {"human", "assistant"} turns, the new user message), checked.
+
+    The course's `<s>q</s>a</s>` format has no system slot, so a system message is put in front of the first
+    user message, on a line of its own (as the course's chat template does: helpers.standin.CHAT_TEMPLATE).
+    """
+    normalized = normalize_messages(messages)
+    system = normalized[0]["content"] if normalized[0]["role"] == "system" else ""
+    contents = [m["content"] for m in normalized if m["role"] != "system"]
     if system:
         contents[0] = f"{system}\n{contents[0]}"
     history = [{HUMAN: contents[i], ASSISTANT: contents[i + 1]} for i in range(0, len(contents) - 1, 2)]
     return history, contents[-1]
+
+
+def stop_sequences(stop: str | list[str] | None) -> list[str]:
+    """`stop` as a list of at most 4 non-empty strings (OpenAI's limit), or an APIError(400)."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise APIError(400, f"stop must be a string or a list of up to 4 non-empty strings, got {stop!r}", param="stop")
+    return stops
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop sequence, which is left out (OpenAI's `stop`).
+
+    `feed(piece)` returns the text that is safe to send: it holds back only an ending that could still grow into
+    a stop sequence, and once one has appeared (`stopped`), what came before it. `flush()` returns what is held.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.stopped = list(stops), "", False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:  # nothing after the stop sequence is ever sent
+            return ""
+        self.held += piece
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped = True
+            text, self.held = self.held[:min(found)], ""
+            return text
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        text, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return text
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+@dataclass
+class Prepared:
+    """A checked request, ready to generate: prompt ids, token budget, sampling settings, stop sequences."""
+
+    ids: list[int]
+    max_tokens: int
+    sampling: dict
+    stops: list[str]
+    include_usage: bool
+
+
+@dataclass
+class Served:
+    """What one app serves, and its limits (see `create_app`)."""
+
+    model: object
+    tokenizer: object
+    model_id: str
+    max_tokens_limit: int
+    default_max_tokens: int
+    context_length: int | None
+    created: int = field(default_factory=lambda: int(time.time()))
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one generation at a time: one model, no batching
+
+
+def prepare(served: Served, request: ChatCompletionRequest) -> Prepared:
+    """Check `request` against what is served and render its prompt with the chat template; APIError if wrong."""
+    if request.model != served.model_id:
+        raise APIError(404, f"the model {request.model!r} does not exist here; this server serves "
+                            f"{served.model_id!r} (see GET /v1/models)", param="model", code="model_not_found")
+    # max_completion_tokens is OpenAI's current name; max_tokens, the older one, is still accepted
+    name, max_tokens = next(((n, v) for n, v in (("max_completion_tokens", request.max_completion_tokens),
+                                                  ("max_tokens", request.max_tokens)) if v is not None),
+                            ("max_completion_tokens", served.default_max_tokens))
+    if max_tokens > served.max_tokens_limit:
+        raise APIError(400, f"{name} is {max_tokens}, more than this server allows ({served.max_tokens_limit})",
+                       param=name)
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    stops = stop_sequences(request.stop)
+    ids = template_prompt_ids(served.tokenizer, normalize_messages(request.messages))
+    if served.context_length and len(ids) + max_tokens > served.context_length:
+        raise APIError(400, f"the prompt is {len(ids)} tokens; with {name}={max_tokens} that exceeds the model's "
+                            f"context of {served.context_length} tokens: shorten the messages or {name}",
+                       param="messages", code="context_length_exceeded")
+    sampling = {"do_sample": request.temperature > 0, "repetition_penalty": request.repetition_penalty}
+    if sampling["do_sample"]:
+        sampling.update(temperature=request.temperature, top_p=request.top_p)
+    return Prepared(ids, max_tokens, sampling, stops,
+                    include_usage=bool(request.stream_options and request.stream_options.include_usage))
+
+
+# ----------------------------------------------------------------------------------------------
+# Answering: the text of the answer, then a whole completion or a stream of chunks
+# ----------------------------------------------------------------------------------------------
+def answer_pieces(served: Served, prepared: Prepared, generation: Generation, seed: int | None = None) -> Iterator[str]:
+    """The answer's text as it is generated: leading whitespace dropped, cut before the first stop sequence.
+
+    Generation ends at </s>, at `max_tokens`, or as soon as a stop sequence appears (then `generation.finish_reason`
+    is "stop", as at </s>). Closing this generator early stops the model at its next token.
+    """
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    pieces = stream_generate(served.model, served.tokenizer, prepared.ids, max_new_tokens=prepared.max_tokens,
+                             generation=generation, **prepared.sampling)
+    scanner, started = StopScanner(prepared.stops), False
+    try:
+        for piece in itertools.chain(pieces, [None]):
+            text = scanner.flush() if piece is None else scanner.feed(piece)
+            if not started:  # leading whitespace dropped, as the whole answer is stripped
+                text, started = text.lstrip(), bool(text.strip())
+            if text:
+                yield text
+            if scanner.stopped:
+                break
+    finally:
+        with contextlib.suppress(ValueError):  # the generator may still be finishing a step
+            pieces.close()
+        if scanner.stopped:
+            generation.finish_reason = "stop"
+
+
+def usage(generation: Generation) -> dict:
+    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+
+
+async def complete(served: Served, request: ChatCompletionRequest, prepared: Prepared) -> dict:
+    """The whole answer as one `chat.completion` object."""
+    from starlette.concurrency import run_in_threadpool
+
+    generation = Generation(prompt_tokens=len(prepared.ids))
+    async with served.lock:
+        text = await run_in_threadpool(lambda: "".join(answer_pieces(served, prepared, generation, request.seed)))
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": served.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
+                         "finish_reason": generation.finish_reason}],
+            "usage": usage(generation)}
+
+
+def stream_completion(served: Served, request: ChatCompletionRequest, prepared: Prepared):
+    """The answer as server-sent events: `chat.completion.chunk`s, a usage chunk if asked for, then [DONE]."""
+    from sse_starlette.sse import EventSourceResponse
+    from starlette.concurrency import run_in_threadpool
+
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": served.model_id}
+
+    def chunk(choices: list, **more) -> dict:
+        if prepared.include_usage:  # then every chunk has a usage field, null until the last one
+            more.setdefault("usage", None)
+        return {"data": json.dumps({**head, "choices": choices, **more}, ensure_ascii=False)}
+
+    def delta(content: dict, finish_reason: str | None = None) -> dict:
+        return chunk([{"index": 0, "delta": content, "finish_reason": finish_reason}])
+
+    async def events():
+        generation = Generation(prompt_tokens=len(prepared.ids))
+        async with served.lock:
+            pieces = answer_pieces(served, prepared, generation, request.seed)  # runs on the first next()
+            try:
+                yield delta({"role": "assistant", "content": ""})
+                while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+                    yield delta({"content": piece})
+                yield delta({}, generation.finish_reason)
+                if prepared.include_usage:
+                    yield chunk([], usage=usage(generation))
+                yield {"data": "[DONE]"}
+            finally:
+                with contextlib.suppress(ValueError):  # a hang-up can arrive while a thread is inside next()
+                    await run_in_threadpool(pieces.close)
+
+    return EventSourceResponse(events(), sep="\n")
 
 
 def _validation_message(errors) -> tuple[str, str | None]:
@@ -103,34 +327,18 @@ def _validation_message(errors) -> tuple[str, str | None]:
         loc = [str(x) for x in error.get("loc", ()) if x != "body"]
         if error.get("type") == "json_invalid":
             return f"the request body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})", None
-        field = ".".join(loc) or "body"
-        param = param or field
-        parts.append(f"{field}: {error['msg']}")
+        field_name = ".".join(loc) or "body"
+        param = param or field_name
+        parts.append(f"{field_name}: {error['msg']}")
     return "invalid request: " + "; ".join(parts), param
 
 
-def create_app(model, tokenizer, *, model_id: str = "course-model", max_tokens_limit: int = 256,
-               default_max_tokens: int | None = None, context_length: int | None = None):
-    """The FastAPI application serving `model` under the name `model_id`.
-
-    `max_tokens_limit` caps what one request may ask for (larger is a 400, not a silent cut);
-    `default_max_tokens` (default: 64 or the limit, if lower) applies when a request names none;
-    `context_length` (default: the model's `max_position_embeddings`) caps prompt + answer.
-    """
-    from fastapi import FastAPI, Request
+def add_error_handlers(app) -> None:
+    """Every error, ours or FastAPI's (validation, unknown path, wrong method), as an OpenAI-style error body."""
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from sse_starlette.sse import EventSourceResponse
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    default_max_tokens = default_max_tokens or min(64, max_tokens_limit)
-    if not 1 <= default_max_tokens <= max_tokens_limit:
-        raise ValueError(f"need 1 <= default_max_tokens <= max_tokens_limit, got {default_max_tokens}, {max_tokens_limit}")
-    context_length = context_length or getattr(model.config, "max_position_embeddings", None)
-    app = FastAPI(title="llm-finetuning-course OpenAI-compatible API", version="1")
-    lock = asyncio.Lock()  # one generation at a time: one model, no batching
-    created = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError):
@@ -146,93 +354,37 @@ def create_app(model, tokenizer, *, model_id: str = "course-model", max_tokens_l
         message = f"{request.method} {request.url.path}: {error.detail}"
         return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code)
 
+
+def create_app(model, tokenizer, *, model_id: str = "course-model", max_tokens_limit: int = 256,
+               default_max_tokens: int | None = None, context_length: int | None = None):
+    """The FastAPI application serving `model` under the name `model_id`.
+
+    The prompt is the tokenizer's chat template applied to the messages (the course's format,
+    helpers.standin.CHAT_TEMPLATE, when the tokenizer has none). `max_tokens_limit` caps what one request may
+    ask for (larger is a 400, not a silent cut); `default_max_tokens` (default: 64 or the limit, if lower) applies
+    when a request names none; `context_length` (default: the model's `max_position_embeddings`) caps prompt + answer.
+    """
+    from fastapi import FastAPI
+
+    default_max_tokens = default_max_tokens or min(64, max_tokens_limit)
+    if not 1 <= default_max_tokens <= max_tokens_limit:
+        raise ValueError(f"need 1 <= default_max_tokens <= max_tokens_limit, got {default_max_tokens}, {max_tokens_limit}")
+    served = Served(model, tokenizer, model_id, max_tokens_limit, default_max_tokens,
+                    context_length or getattr(model.config, "max_position_embeddings", None))
+    app = FastAPI(title="llm-finetuning-course OpenAI-compatible API", version="1")
+    add_error_handlers(app)
+
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list",
-                "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "llm-finetuning-course"}]}
-
-    def prepare(request: ChatCompletionRequest) -> tuple[list[int], int, dict]:
-        if request.model != model_id:
-            raise APIError(404, f"the model {request.model!r} does not exist here; this server serves {model_id!r} "
-                                "(see GET /v1/models)", param="model", code="model_not_found")
-        max_tokens = request.max_tokens if request.max_tokens is not None else default_max_tokens
-        if max_tokens > max_tokens_limit:
-            raise APIError(400, f"max_tokens is {max_tokens}, more than this server allows ({max_tokens_limit})",
-                           param="max_tokens")
-        history, message = messages_to_turns(request.messages)
-        if not message.strip():
-            raise APIError(400, "the last user message is empty", param="messages")
-        ids, _ = conversation_prompt_ids(tokenizer, history, message)
-        if context_length and len(ids) + max_tokens > context_length:
-            raise APIError(400, f"the prompt is {len(ids)} tokens; with max_tokens={max_tokens} that exceeds the "
-                                f"model's context of {context_length} tokens: shorten the messages or max_tokens",
-                           param="messages", code="context_length_exceeded")
-        sampling = {"do_sample": request.temperature > 0, "repetition_penalty": request.repetition_penalty}
-        if sampling["do_sample"]:
-            sampling.update(temperature=request.temperature, top_p=request.top_p)
-        return ids, max_tokens, sampling
-
-    def seed(request: ChatCompletionRequest) -> None:
-        if request.seed is not None:
-            import torch
-
-            torch.manual_seed(request.seed)
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": served.created,
+                                            "owned_by": "llm-finetuning-course"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
-        ids, max_tokens, sampling = prepare(request)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        stamp = int(time.time())
-
-        if not request.stream:
-            generation = Generation(prompt_tokens=len(ids))
-
-            def run() -> None:
-                seed(request)
-                for _ in stream_generate(model, tokenizer, ids, max_new_tokens=max_tokens, generation=generation,
-                                         **sampling):
-                    pass
-
-            async with lock:
-                await run_in_threadpool(run)
-            return {"id": completion_id, "object": "chat.completion", "created": stamp, "model": model_id,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text.strip()},
-                                 "finish_reason": generation.finish_reason}],
-                    "usage": {"prompt_tokens": generation.prompt_tokens,
-                              "completion_tokens": generation.completion_tokens,
-                              "total_tokens": generation.prompt_tokens + generation.completion_tokens}}
-
-        def chunk(delta: dict, finish_reason: str | None = None) -> str:
-            return json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": stamp,
-                               "model": model_id,
-                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]},
-                              ensure_ascii=False)
-
-        async def events():
-            generation = Generation(prompt_tokens=len(ids))
-            async with lock:
-                await run_in_threadpool(seed, request)
-                pieces = stream_generate(model, tokenizer, ids, max_new_tokens=max_tokens, generation=generation,
-                                         **sampling)
-                try:
-                    yield {"data": chunk({"role": "assistant", "content": ""})}
-                    first = True
-                    while True:
-                        piece = await run_in_threadpool(next, pieces, None)
-                        if piece is None:
-                            break
-                        if first:  # leading whitespace dropped, as the non-streamed answer is stripped
-                            piece, first = piece.lstrip(), not piece.strip()
-                            if not piece:
-                                continue
-                        yield {"data": chunk({"content": piece})}
-                    yield {"data": chunk({}, generation.finish_reason)}
-                    yield {"data": "[DONE]"}
-                finally:
-                    with contextlib.suppress(ValueError):  # the generator may still be finishing a step
-                        await run_in_threadpool(pieces.close)
-
-        return EventSourceResponse(events(), sep="\n")
+        prepared = prepare(served, request)
+        if request.stream:
+            return stream_completion(served, request, prepared)
+        return await complete(served, request, prepared)
 
     return app
 

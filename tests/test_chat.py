@@ -7,11 +7,13 @@ import sys
 import pytest
 import torch
 
-from helpers.chat import ChatSession, Generation, chat_widget, conversation_prompt_ids, stream_generate
+from helpers.chat import (ChatSession, Generation, chat_widget, conversation_prompt_ids, stream_generate,
+                          template_prompt_ids, turns_to_messages)
 from helpers.env import REPO_ROOT
 from helpers.export import load_for_inference, max_logit_difference, merge_and_save
-from helpers.models import DEFAULT_MODEL
-from helpers.prompts import tokenize_conversation
+from helpers.models import DEFAULT_MODEL, load_tokenizer
+from helpers.prompts import IGNORE_INDEX, tokenize_conversation
+from helpers.standin import CHAT_TEMPLATE, add_chat_template
 
 MODEL = DEFAULT_MODEL  # offline: the course's stand-in
 
@@ -52,6 +54,52 @@ def test_prompt_is_the_training_format_up_to_the_answer(loaded):
     # the same ids tokenize_conversation gives a training example, before the answer
     full = tokenize_conversation(tok, history + [{"human": "再加 2 呢？", "assistant": "等于 9。"}])["input_ids"]
     assert full[:len(ids)] == ids
+
+
+def test_chat_template_renders_the_training_format_and_marks_its_answers():
+    from helpers.data import load_dataset
+
+    tok = add_chat_template(load_tokenizer(MODEL))
+    for row in load_dataset("conversations").select(range(40)):  # every turn, answers trained, questions not
+        rendered = tok.apply_chat_template(turns_to_messages(row["conversation"]), return_dict=True,
+                                           return_assistant_tokens_mask=True)
+        trained = tokenize_conversation(tok, row["conversation"])
+        assert rendered["input_ids"] == trained["input_ids"]
+        assert rendered["assistant_masks"] == [int(label != IGNORE_INDEX) for label in trained["labels"]]
+    history = [{"human": "3 加 4 等于多少？", "assistant": "等于 7。"}]
+    messages = turns_to_messages(history + [{"human": "再加 2 呢？", "assistant": ""}])
+    bos, eos = tok.bos_token, tok.eos_token
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        f"{bos}3 加 4 等于多少？{eos}等于 7。{eos}再加 2 呢？{eos}"
+    assert template_prompt_ids(tok, messages) == conversation_prompt_ids(tok, history, "再加 2 呢？")[0]
+    # system or developer: in front of the first question, on a line of its own; text parts are read in order
+    for role in ("system", "developer"):
+        parts = [{"type": "text", "text": "再加 "}, {"type": "text", "text": "2 呢？"}]
+        system_first = [{"role": role, "content": "简短回答。"}, {"role": "user", "content": parts}]
+        assert tok.apply_chat_template(system_first, tokenize=False) == f"{bos}简短回答。\n再加 2 呢？{eos}"
+    from jinja2 import TemplateError
+
+    for bad, message in ([{"role": "tool", "content": "x"}], "unknown role 'tool'"), \
+                        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "only text"):
+        with pytest.raises(TemplateError, match=message):
+            tok.apply_chat_template(bad, tokenize=False)
+
+
+def test_chat_template_travels_with_the_tokenizer_and_is_the_fallback(tmp_path):
+    from transformers import AutoTokenizer
+    from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
+
+    plain = load_tokenizer(MODEL)
+    assert plain.chat_template is None  # the stand-in ships without one; template_prompt_ids falls back to it
+    add_chat_template(load_tokenizer(MODEL)).save_pretrained(tmp_path)
+    assert (tmp_path / "chat_template.jinja").is_file()
+    saved = AutoTokenizer.from_pretrained(tmp_path)
+    assert saved.chat_template == CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "3 加 4 等于多少？"}]
+    assert template_prompt_ids(saved, messages) == template_prompt_ids(plain, messages) == \
+        conversation_prompt_ids(plain, [], "3 加 4 等于多少？")[0]
+    # what TRL's assistant_only_loss needs: answer marks, with the answer's </s> inside (so the model learns to stop)
+    assert has_generation_markers(CHAT_TEMPLATE) and is_chat_template_stop_token_trained(saved)
 
 
 def test_prompt_drops_oldest_turns_first_and_rejects_a_message_too_long(loaded):

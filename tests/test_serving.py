@@ -7,8 +7,8 @@ import sys
 import httpx
 import pytest
 
-from helpers.serving import (APIError, ChatMessage, ServerProcess, ServerThread, check_loopback, create_app,
-                         messages_to_turns)
+from helpers.serving import (APIError, ChatMessage, ServerProcess, ServerThread, StopScanner, check_loopback,
+                             create_app, messages_to_turns)
 from helpers.chat import ChatSession
 from helpers.env import REPO_ROOT
 from helpers.export import load_for_inference
@@ -97,7 +97,15 @@ BAD_REQUESTS = [
     ("missing messages", json.dumps({"model": "tiny"}), 400, "messages: Field required"),
     ("empty messages", json.dumps({"model": "tiny", "messages": []}), 400, "at least 1 item"),
     ("unknown role", json.dumps(_ask("x") | {"messages": [{"role": "bot", "content": "x"}]}), 400,
-     "messages.0.role: Input should be 'system', 'user' or 'assistant'"),
+     "messages.0.role: Input should be 'system', 'developer', 'user' or 'assistant'"),
+    ("tool role", json.dumps(_ask("x") | {"messages": [{"role": "tool", "content": "x"}]}), 400,
+     "Input should be 'system', 'developer', 'user' or 'assistant'"),
+    ("image part", json.dumps(_ask([{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "y"}}])),
+     400, "messages[0].content[1] is a part of type 'image_url': this server reads text only"),
+    ("part without text", json.dumps(_ask([{"type": "text"}])), 400, "messages[0].content[0] is a part of type 'text'"),
+    ("developer not first", json.dumps(_ask("x") | {"messages": [{"role": "user", "content": "x"},
+                                                                  {"role": "developer", "content": "y"}]}), 400,
+     "a 'developer' message is only allowed first"),
     ("starts with assistant", json.dumps(_ask("x") | {"messages": [{"role": "assistant", "content": "x"}]}), 400,
      "messages[0] has role 'assistant' but 'user' was expected"),
     ("ends with assistant", json.dumps(_ask("x") | {"messages": [{"role": "user", "content": "x"},
@@ -109,6 +117,12 @@ BAD_REQUESTS = [
     ("max_tokens too large", json.dumps(_ask("x", max_tokens=LIMIT + 1)), 400,
      f"max_tokens is {LIMIT + 1}, more than this server allows ({LIMIT})"),
     ("max_tokens negative", json.dumps(_ask("x", max_tokens=-5)), 400, "max_tokens: Input should be greater than or equal to 1"),
+    ("max_completion_tokens too large", json.dumps(_ask("x", max_completion_tokens=LIMIT + 1, max_tokens=1)), 400,
+     f"max_completion_tokens is {LIMIT + 1}, more than this server allows ({LIMIT})"),
+    ("five stop sequences", json.dumps(_ask("x", stop=list("abcde"))), 400, "a list of up to 4 non-empty strings"),
+    ("empty stop sequence", json.dumps(_ask("x", stop="")), 400, "a list of up to 4 non-empty strings"),
+    ("stream_options without stream", json.dumps(_ask("x", stream_options={"include_usage": True})), 400,
+     "stream_options is only allowed with stream: true"),
     ("temperature too high", json.dumps(_ask("x", temperature=3)), 400, "temperature"),
     ("n > 1", json.dumps(_ask("x", n=2)), 400, "n: Input should be less than or equal to 1"),
     ("repetition_penalty 0", json.dumps(_ask("x", repetition_penalty=0)), 400, "repetition_penalty: Input should be greater than 0"),
@@ -149,6 +163,25 @@ def test_messages_to_turns():
     assert messages_to_turns(messages[3:]) == ([], "c")
     with pytest.raises(APIError, match="at least one 'user' message"):
         messages_to_turns(messages[:1])
+    # developer is OpenAI's newer name for system; content may be a list of text parts, read in order
+    parts = [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]
+    newer = [ChatMessage(role="developer", content=parts),
+             *messages[1:3], ChatMessage(role="user", content=[{"type": "text", "text": "c"}])]
+    assert messages_to_turns(newer) == messages_to_turns(messages)
+
+
+def _scan(pieces, stops):
+    scanner = StopScanner(stops)
+    sent = [scanner.feed(piece) for piece in pieces]
+    return "".join(sent) + ("" if scanner.stopped else scanner.flush()), scanner.stopped, sent
+
+
+def test_stop_scanner_cuts_at_the_first_stop_even_across_pieces():
+    assert _scan(["Hel", "lo wo", "rld"], ["lo w"])[:2] == ("Hel", True)
+    assert _scan(["a b", " c. d", "e"], ["c.", "b c"])[:2] == ("a ", True)   # the earliest stop wins
+    assert _scan(["one ", "two"], ["three", "x"])[:2] == ("one two", False)  # no stop: everything, in order
+    # only an ending that could grow into a stop is held back, and only until it cannot
+    assert _scan(["ab", "cd", "x"], ["cde"])[2] == ["ab", "", "cdx"]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
@@ -178,3 +211,51 @@ def test_server_module_runs_as_a_process_and_stops(tmp_path):
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/v1/models", timeout=2)
     assert "serving tiny on" in server.log()
+
+
+def _complete(url, body):
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_max_completion_tokens_is_preferred_to_max_tokens(server):
+    both = _complete(server.url, _ask("Hello", max_completion_tokens=2, max_tokens=LIMIT))
+    older = _complete(server.url, _ask("Hello", max_tokens=2))  # the deprecated name alone still works
+    assert both["usage"]["completion_tokens"] <= 2
+    assert both["choices"] == older["choices"] and both["usage"] == older["usage"]
+
+
+def test_developer_role_and_text_parts_give_the_same_answer_as_system_and_a_string(server):
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 加 4 等于多少？"}]
+    newer = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "3 加 4 "},
+                                          {"type": "text", "text": "等于多少？"}]}]
+    answers = [_complete(server.url, {"model": "tiny", "messages": m, "temperature": 0, "max_completion_tokens": 8})
+               for m in (plain, newer)]
+    assert answers[0]["choices"] == answers[1]["choices"] and answers[0]["usage"] == answers[1]["usage"]
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_stop_cuts_the_answer_before_the_stop_text_streamed_or_not(server, as_list):
+    plain = _complete(server.url, _ask("Hello", max_completion_tokens=LIMIT))["choices"][0]["message"]["content"]
+    stop = plain[len(plain) // 2:len(plain) // 2 + 2]  # greedy: the same answer again, so this text appears in it
+    expected = plain[:plain.index(stop)].strip()
+    request = _ask("Hello", max_completion_tokens=LIMIT, stop=[stop, "never in it \u2603"] if as_list else stop)
+    cut = _complete(server.url, request)
+    assert cut["choices"][0]["message"]["content"] == expected and cut["choices"][0]["finish_reason"] == "stop"
+    chunks, done = _stream(server.url, request | {"stream": True})
+    assert done and "".join(c["choices"][0]["delta"].get("content", "") for c in chunks).strip() == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    unmatched = _complete(server.url, _ask("Hello", max_completion_tokens=LIMIT, stop="never in it \u2603"))
+    assert unmatched["choices"][0]["message"]["content"] == plain
+
+
+def test_include_usage_adds_a_final_usage_chunk(server):
+    request = _ask("Hello", max_completion_tokens=6)
+    plain = _complete(server.url, request)
+    chunks, done = _stream(server.url, request | {"stream": True, "stream_options": {"include_usage": True}})
+    assert done and chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # OpenAI: null until the last chunk
+    without, _ = _stream(server.url, request | {"stream": True, "stream_options": {"include_usage": False}})
+    assert all("usage" not in c for c in without) and without[-1]["choices"][0]["finish_reason"] is not None
