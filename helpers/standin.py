@@ -166,6 +166,7 @@ def build(out_dir: Path = STANDIN_DIR, steps: int = PRETRAINING["steps"], corpus
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    add_chat_template(tokenizer)  # apply_chat_template renders the course's format (notebook 07)
     tokenizer.save_pretrained(out_dir)
     summary = {"corpus": str(corpus.relative_to(REPO_ROOT)) if corpus.is_relative_to(REPO_ROOT) else str(corpus),
                "corpus_tokens": n_tokens, "architecture": ARCHITECTURE, "pretraining": cfg,

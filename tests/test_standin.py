@@ -31,3 +31,15 @@ def test_shipped_standin_matches_the_build_recipe():
     # pretrained, not random: a random model's loss is about ln(vocab_size) = ln(4096) = 8.3
     assert record["validation_loss"] < 2.5
     assert (STANDIN_DIR / "model.safetensors").stat().st_size < 25 * 2**20
+
+
+def test_shipped_standin_carries_the_course_chat_template():
+    from transformers import AutoTokenizer
+
+    from helpers.standin import CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(STANDIN_DIR)  # reads models/tiny-neox-standin/chat_template.jinja
+    assert tokenizer.chat_template.strip() == CHAT_TEMPLATE.strip()
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered == f"{tokenizer.eos_token}你好{tokenizer.eos_token}"
