@@ -1,10 +1,15 @@
-"""DeepSpeed configs, the training script's arguments, and the ZeRO formulas against DeepSpeed's estimator.
+"""DeepSpeed configs, the training script's arguments, and the ZeRO formulas against DeepSpeed's estimator and a run.
 
 Taught in notebooks/04_deepspeed_zero.ipynb. Every config in configs/deepspeed/ goes through DeepSpeed's own
-parser after the 🤗 Trainer has filled its "auto" values, exactly as a launch would.
+parser after the 🤗 Trainer has filled its "auto" values, exactly as a launch would. Full fine-tuning
+(`--use_lora false`) runs under ZeRO-2 and ZeRO-3 on 2 CPU processes (about half a minute), and the bytes each
+process held are checked against `helpers.memory.zero_model_states`.
 """
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -128,7 +133,7 @@ def test_help_lists_the_launch_relevant_flags(script, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--deepspeed", "--per_device_train_batch_size", "--gradient_accumulation_steps",
-                 "--ddp_find_unused_parameters", "--local_rank", "--output_dir"):
+                 "--ddp_find_unused_parameters", "--local_rank", "--output_dir", "--use_lora"):
         assert flag in text
 
 
@@ -142,6 +147,8 @@ def test_help_lists_the_launch_relevant_flags(script, capsys):
     (["--output_dir", "x", "--dataset", "nope"], "--dataset 'nope' is unknown; known:"),
     (["--output_dir", "x", "--dataset", "conversations"], "has format 'conversation'"),
     (["--output_dir", "x", "--ddp_find_unused_parameters", "maybe"], "invalid choice"),
+    (["--output_dir", "x", "--use_lora", "maybe"], "invalid choice"),
+    (["--output_dir", "x", "--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(script, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -170,3 +177,63 @@ def test_ddp_find_unused_parameters_accepts_the_trainers_spelling(script):
     (None, 2, "DDP"), (None, 1, "single process")])
 def test_engine_names_what_runs_the_loop(script, name, world_size, engine):
     assert script.engine(str(CONFIG_DIR / name) if name else None, world_size) == engine
+
+
+# --- full fine-tuning on two CPU processes: what each rank holds, against the formula --------------------
+STANDIN = REPO_ROOT / "models" / "tiny-neox-standin"  # the course's 2.2M-parameter GPT-NeoX, in the repository
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    """`--use_lora false` under ZeRO-2 and ZeRO-3 on 2 processes (torchrun, gloo), 3 steps: the two train logs."""
+    from helpers.env import free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # DeepSpeed builds its CPU collectives op on first use; build it here once rather than in both ranks at once.
+    subprocess.run([sys.executable, "-c", "from deepspeed.accelerator import get_accelerator; "
+                    "get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)"],
+                   env=env, check=True, capture_output=True, timeout=600)
+    logs = {}
+    for stage in (2, 3):
+        out = tmp_path_factory.mktemp(f"zero{stage}_full")
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             "scripts/train_lora.py", "--use_lora", "false", "--deepspeed", f"configs/deepspeed/zero{stage}.json",
+             "--model_name_or_path", str(STANDIN), "--max_steps", "3", "--per_device_train_batch_size", "2",
+             "--max_train_samples", "16", "--output_dir", str(out)],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        logs[stage] = json.loads((out / "train_log.json").read_text())
+        logs[stage]["output_dir"] = out
+    return logs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_full_finetuning_per_process_model_states_match_the_zero_formula(full_runs, stage):
+    from helpers.memory import zero_model_states
+
+    log = full_runs[stage]
+    psi = log["total_parameters"]
+    assert log["method"] == "full" and log["engine"] == f"DeepSpeed ZeRO-{stage}" and log["world_size"] == 2
+    assert log["trainable_parameters"] == psi > 2_000_000  # every weight trains
+    # fp32 on a CPU: 4-byte weights and gradients; K = 12 (a 4-byte fp32 master copy and Adam's two 4-byte moments).
+    expected = zero_model_states(psi, stage=stage, num_devices=2, param_bytes=4, grad_bytes=4, k=12)
+    assert len(log["model_states"]) == 2
+    for rank in log["model_states"]:
+        assert rank["dtype"] == "float32"
+        # DeepSpeed pads each rank's partition to an alignment boundary; on this model it came out exact.
+        for part in ("params", "gradients", "optimizer", "total"):
+            measured = rank["parameters" if part == "params" else part]
+            assert abs(measured - expected[part]) <= 0.01 * expected[part], (part, measured, expected[part])
+        assert rank["master_copy"] == pytest.approx(4 * psi / 2, rel=0.01)  # a third of K: the master weights
+    assert (log["output_dir"] / "model.safetensors").is_file()  # the whole model (gathered from the shards under ZeRO-3)
+
+
+def test_zero3_shards_the_parameters_that_zero2_replicates(full_runs):
+    two, three = (full_runs[s]["model_states"][0] for s in (2, 3))
+    assert three["parameters"] == pytest.approx(two["parameters"] / 2, rel=0.01)  # Psi/N instead of Psi
+    assert three["gradients"] == pytest.approx(two["gradients"], rel=0.01)        # both shard the gradients ...
+    assert three["optimizer"] == pytest.approx(two["optimizer"], rel=0.01)        # ... and the optimizer states
+    # The same arithmetic, sharded differently: the same losses step by step.
+    assert full_runs[2]["losses"] == pytest.approx(full_runs[3]["losses"], abs=1e-4)
