@@ -104,8 +104,7 @@ KNOWN_CONFIGS: dict[str, dict] = {
         model_type="glm", hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=2,
         intermediate_size=13696, vocab_size=151552, tie_word_embeddings=False, mlp="swiglu",
         qkv_bias=True, linear_bias=False, norm_bias=False, embedding_norm=False, fused_gate_up=True,
-        source="https://huggingface.co/THUDM/glm-4-9b-chat/blob/9918c3fe7aab6a2100b5fd7117f5464ffb86c5d3/config.json "
-               "(the transformers-native GlmForCausalLM config)"),
+        source="https://huggingface.co/THUDM/glm-4-9b-chat-hf/blob/main/config.json (now zai-org/glm-4-9b-chat-hf)"),
     "mistralai/Mistral-7B-v0.1": dict(
         model_type="mistral", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
         intermediate_size=14336, vocab_size=32000, tie_word_embeddings=False, mlp="swiglu",
