@@ -160,3 +160,47 @@ def test_on_a_cpu_a_model_loads_as_before(monkeypatch):
     assert "device_map" not in seen and seen["dtype"] is torch.float32  # float32, no device map
     seen, _ = _recorded_load(monkeypatch, cuda=False, quantization="nf4", compute_dtype=torch.float32)
     assert seen["device_map"] == "cpu" and seen["quantization_config"].bnb_4bit_quant_type == "nf4"
+
+
+# --- 4-bit weights on AVX512-BF16 CPUs (notebook 02, section 7; moved from the notebook's cell, issue 18) ---------
+def _has_avx512bf16() -> bool:
+    import bitsandbytes.functional as F
+
+    return bool(F.has_avx512bf16())
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "fp4"])
+def test_a_4bit_load_keeps_its_weights_trainable_through_an_evaluation(tiny_neox, tmp_path, quantization):
+    # load_model switches bitsandbytes' in-place CPU repacking off on every Linear4bit (keep_cpu_4bit_weights_trainable),
+    # so an evaluation forward leaves every 4-bit weight as it was and the model still trains afterwards.
+    import bitsandbytes as bnb
+
+    folder = tiny_neox(tmp_path / "tiny")
+    model = models.load_model(str(folder), quantization=quantization, verbose=False)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 8 and {m.weight.quant_state.quant_type for m in layers} == {quantization}
+    if not torch.cuda.is_available():
+        assert not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert models.keep_cpu_4bit_weights_trainable(model) == len(layers)  # and it says how many layers it changed
+    before = [m.weight.detach().clone() for m in layers]
+    model.eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]], device=model.device))
+    assert all(torch.equal(m.weight, w) for m, w in zip(layers, before))
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not _has_avx512bf16(),
+                    reason="the repacking happens on CPUs with AVX512-BF16 only")
+def test_an_unprotected_4bit_layer_repacks_itself_on_an_avx512bf16_cpu():
+    # The pitfall the helper exists for (FACTS.md): if bitsandbytes stops repacking, notebook 02's section 7 and
+    # keep_cpu_4bit_weights_trainable can be simplified.
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(128, 128, quant_type="nf4", compute_dtype=torch.float32)
+    layer.load_state_dict(torch.nn.Linear(128, 128).state_dict())
+    layer = layer.to("cpu")  # moving a Linear4bit to its device is what quantizes it
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 128))
+    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
