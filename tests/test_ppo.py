@@ -189,6 +189,15 @@ def test_rollout_logprobs_match_what_generate_sampled_from(tiny):
     torch.testing.assert_close(ours * ro.mask, expected * ro.mask, atol=1e-5, rtol=1e-5)
 
 
+def test_evaluate_policy_puts_a_model_at_kl_zero_from_its_frozen_copy(tiny):
+    """Notebook 05's comparison table: the SFT model, scored against the reference (a frozen copy of it), is at KL 0."""
+    tokenizer, model = tiny
+    reference = copy.deepcopy(model).requires_grad_(False)
+    result = evaluate_policy(model, reference, tokenizer, ["a b", "c", "d d", "b c a"], lambda p, t: [0.0] * len(t),
+                             max_new_tokens=5, seed=0)
+    assert result["mean_kl"] == pytest.approx(0.0, abs=1e-6) and len(result["responses"]) == 4
+
+
 def test_ppo_raises_the_reward_on_a_tiny_model(tiny):
     """Reward = share of the word "a" in the response. A few PPO iterations must raise it; KL becomes > 0."""
     tokenizer, model = tiny

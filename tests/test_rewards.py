@@ -58,6 +58,15 @@ def test_correctness_reward_errors_name_the_problem():
         correctness_reward(completions=[3], answer=["3"])
 
 
+def test_the_rule_calls_every_chosen_reply_right_and_every_rejected_one_wrong():
+    """Notebook 05 prints both rates on its training split; the rule and the data must agree on every row."""
+    from helpers.data import load_dataset
+
+    rows = load_dataset("preference_pairs")
+    assert len(rows) > 0 and correctness_rate(rows["chosen"], rows["answer"]) == 100
+    assert correctness_rate(rows["rejected"], rows["answer"]) == 0
+
+
 @pytest.mark.parametrize("completion, answer, expected", [
     ("从小到大排列是 2, 32, 47。", "2, 32, 47", 1.0),
     ("从小到大排列是 1, 41, 47。", "2, 32, 47", 1 / 3),   # only the last position is right

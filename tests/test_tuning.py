@@ -79,6 +79,27 @@ def test_lora_count(tiny_model_dir):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == LAYERS * per_layer == 768
 
 
+def test_modules_to_save_takes_the_head_only_by_its_current_name(tiny_neox):
+    """Notebook 01: GPT-NeoX's output head is `lm_head` in transformers 5 (it was `embed_out`). modules_to_save with
+    the current name trains a full copy of the head; with the old name peft silently adds nothing."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.models import count_parameters, lora_target_modules
+
+    base = tiny_neox()
+    targets = lora_target_modules(base, "all")
+
+    def trainable(**extra):
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules=targets, **extra))
+        return count_parameters(model)["trainable"]
+
+    adapters = trainable()
+    assert trainable(modules_to_save=["lm_head"]) - adapters == base.lm_head.weight.numel()
+    assert trainable(modules_to_save=["embed_out"]) == adapters
+
+
 def test_bad_inputs_are_named(tiny_model_dir):
     with pytest.raises(ValueError, match="method must be one of"):
         tuning.prepare_model(_base(tiny_model_dir), "adapter")
