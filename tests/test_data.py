@@ -112,6 +112,19 @@ def test_ctc_labels_balance_and_disjoint_splits():
     assert not set(sentences["dev"]) & set(sentences["test"])
 
 
+
+def test_ctc_prompts_list_every_label_so_a_leaked_prompt_contains_it():
+    # Notebook 06, section 6b: a prediction that keeps the prompt contains the label every time (the prompt's
+    # options line lists all ten), and never matches it exactly (the answer is scored on its first line)
+    from helpers.generation import choice_accuracy
+
+    test = load_dataset("promptcblue_ctc", split="test")
+    for row in test:
+        options = row["input"].split("选项：")[1].split("\n")[0]
+        assert options.split("，") == row["answer_choices"] and row["target"] in options
+    leaked = [prompt + label for prompt, label in zip(test["input"], test["target"])]
+    assert choice_accuracy(leaked, test["target"]) == 0.0
+
 def test_corpus_holds_no_task_format_and_no_held_out_sentence():
     corpus = (REPO / "data" / "corpus.txt").read_text(encoding="utf-8")
     for marker in ("选项：", "答：", "，".join(LABELS[:3]), "判断临床试验"):

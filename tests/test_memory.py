@@ -236,3 +236,72 @@ def test_recipe_constants_read_literals_and_tuples_only(tmp_path):
     script = tmp_path / "01_x.py"
     script.write_text('import os\nMODEL = "m"\nA, B = 1, (2, 3)\nC = os.getcwd()\nlower = 5\nD: int = 4\n')
     assert recipe_constants(script) == {"MODEL": "m", "A": 1, "B": (2, 3)}
+
+
+# The figures notebook 08 prints, pinned here (they were asserts in the notebook, issue 18): a change to the memory
+# model that moves one of them fails this file, and lessons/08_speed_and_memory.md must be looked at again.
+NOTEBOOK_08_RECIPE = dict(weights="nf4-dq", method="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all",
+                          optimizer="paged-adamw-32bit", batch_size=4, seq_len=512, gradient_checkpointing=True,
+                          compute_dtype="bf16", attention="eager")  # notebook 08's CONFIG["recipe"]
+
+
+def test_notebook_08_full_fine_tuning_against_qlora_on_bloom_7b1():
+    batch = dict(batch_size=4, seq_len=512, gradient_checkpointing=True, attention="eager")
+    full = estimate_memory(BLOOM, weights="bf16", method="full", **batch).gib()
+    qlora = estimate_memory(BLOOM, weights="nf4-dq", method="qlora", lora_r=64, compute_dtype="bf16", **batch).gib()
+    assert full > 100          # 16 bytes x 7.07B parameters = 105 GiB of model states before any activation
+    assert qlora < 16          # fits a 16-24 GB GPU, as notebook 02's recipe promises
+    assert full / qlora > 8
+
+
+def test_notebook_08_checkpointing_leaves_the_logits():
+    plain = estimate_memory(BLOOM, **dict(NOTEBOOK_08_RECIPE, gradient_checkpointing=False)).gib("activations")
+    ckpt = estimate_memory(BLOOM, **NOTEBOOK_08_RECIPE).gib("activations")
+    logits = 4 * 512 * 250880 * (2 + 8) / GIB  # 16-bit logits, the fp32 log-softmax and its fp32 gradient
+    assert plain > 2.5 * ckpt  # what checkpointing saves (3.3x at 4 x 512 tokens)
+    assert logits > 0.5 * ckpt  # the vocabulary dominates what is left (83%)
+
+
+_CHATGLM_V100 = dict(lora_r=8, lora_targets="attention", lora_dropout=0.1, pre_seq_len=16, num_trainable_layers=3,
+                     seq_len=512, gradient_checkpointing=True, compute_dtype="fp16", attention="eager")
+_CHATGLM_ROWS = [  # ChatGLM Efficient Tuning's V100 table: (setting, published GB, estimate_memory arguments)
+    ("LoRA r=8, batch 16, FP16", 28, dict(weights="fp16", method="lora", batch_size=16)),
+    ("LoRA r=8, batch 8, FP16", 24, dict(weights="fp16", method="lora", batch_size=8)),
+    ("LoRA r=8, batch 4, FP16", 20, dict(weights="fp16", method="lora", batch_size=4)),
+    ("LoRA r=8, batch 4, INT8", 10, dict(weights="int8", method="lora", batch_size=4)),
+    ("LoRA r=8, batch 4, INT4", 8, dict(weights="int4", method="qlora", batch_size=4)),
+    ("P-Tuning p=16, batch 4, FP16", 20, dict(weights="fp16", method="ptuning-v2", batch_size=4)),
+    ("P-Tuning p=16, batch 4, INT8", 16, dict(weights="int8", method="ptuning-v2", batch_size=4)),
+    ("P-Tuning p=16, batch 4, INT4", 12, dict(weights="int4", method="ptuning-v2", batch_size=4)),
+    ("Freeze l=3, batch 4, FP16", 24, dict(weights="fp16", method="freeze", batch_size=4)),
+    ("Freeze l=3, batch 4, INT8", 12, dict(weights="int8", method="freeze", batch_size=4)),
+]
+
+
+def test_notebook_08_rows_outside_25_percent_of_the_published_figures():
+    ratios = {setting: estimate_memory("THUDM/chatglm-6b", **dict(_CHATGLM_V100, **kwargs)).gib() / published
+              for setting, published, kwargs in _CHATGLM_ROWS}
+    for size, name, published in [("65B", "huggyllama/llama-65b", 41), ("33B", "huggyllama/llama-30b", 21),
+                                  ("13B", "huggyllama/llama-13b", 10), ("7B", "huggyllama/llama-7b", 6)]:
+        deployed = estimate_memory(name, weights="nf4-dq", method="inference", batch_size=1, seq_len=512)
+        ratios[f"Guanaco {size} deployed, 4-bit"] = (deployed.total + 2 * lora_parameters(name, 64, "all")) / GIB / published
+    # each miss has a cause the lesson explains (section 5); a new miss, or one that comes in, means revisiting it
+    assert {setting for setting, ratio in ratios.items() if abs(ratio - 1) > 0.25} == {
+        "LoRA r=8, batch 4, FP16",        # 0.74: fixed CUDA/allocator overhead, largest share at the smallest batch
+        "P-Tuning p=16, batch 4, FP16",   # 0.74: as above, and the P-Tuning rows fit without checkpointing (below)
+        "P-Tuning p=16, batch 4, INT8",   # 0.60
+        "P-Tuning p=16, batch 4, INT4",   # 0.58
+        "Freeze l=3, batch 4, INT8",      # 1.26: a row the README later removed
+        "Guanaco 7B deployed, 4-bit",     # 0.70: about 1.8 GiB of runtime overhead on a 4 GiB model
+    }
+
+
+def test_notebook_08_ptuning_rows_fit_without_checkpointing():
+    for setting, published, kwargs in _CHATGLM_ROWS:
+        if not setting.startswith("P-Tuning"):
+            continue
+        with_ckpt = estimate_memory("THUDM/chatglm-6b", **dict(_CHATGLM_V100, **kwargs)).gib() / published
+        without = estimate_memory("THUDM/chatglm-6b", **dict(_CHATGLM_V100, **kwargs,
+                                                            gradient_checkpointing=False)).gib() / published
+        assert abs(without - 1) < abs(with_ckpt - 1), setting  # closer to the published figure
+        assert abs(without - 1) < 0.3, setting                  # 1.15, 1.10, 1.25

@@ -131,3 +131,13 @@ def test_a_row_carries_its_format_too():
 
     row = load_dataset("alpaca_en")[0]
     assert prompt_and_response(row) == prompt_and_response(row, "alpaca")
+
+
+@pytest.mark.parametrize("text", ["本研究纳入年龄在18至65岁之间的患者。", "Seven minus two is five.", "3 加 4 等于 7。", "罕见字：龘"])
+def test_tokenizing_loses_nothing(tokenizer, text):
+    # notebook 00's samples: byte-level BPE decodes back to the same text, a character it never saw included
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_an_unseen_character_falls_back_to_its_bytes(tokenizer):
+    assert len(tokenizer("龘", add_special_tokens=False)["input_ids"]) == len("龘".encode("utf-8")) == 3
