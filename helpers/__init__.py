@@ -13,6 +13,7 @@ The modules form layers, read from the bottom up; a module imports only from mod
                  checks         lesson checks (strict only on the stand-in, so they ask models)
     training     checkpoints    complete-checkpoint markers
                  tuning         the Trainer recipe for every method, measured
+                 launching      running a script on several processes: launcher, environment, log (notebook 04)
                  run_cache      train once, reuse the saved run (notebooks 03 and 06)
                  export         merging and loading for inference
     generation   metrics        BLEU-4 / ROUGE on text (no model)
@@ -28,7 +29,7 @@ LAYERS = (
     ("data", ("data",)),
     ("prompts", ("prompts",)),
     ("models", ("quantization", "models", "standin", "memory", "checks")),
-    ("training", ("checkpoints", "tuning", "run_cache", "export")),
+    ("training", ("checkpoints", "tuning", "launching", "run_cache", "export")),
     ("generation", ("metrics", "generation", "rewards", "ppo")),
     ("serving", ("chat", "serving")),
 )

@@ -118,6 +118,108 @@ def test_zero_formulas_match_deepspeeds_estimator_up_to_its_documented_extras(de
     assert ds3_offload == ours(stage=3, offload_optimizer=True, offload_params=True) + 4 * largest
 
 
+def test_only_stage_3_fits_llama_65b_full_finetuning_on_80gb_devices():
+    """Notebook 04, section 1: stages 0-2 never fit 65B on 80 GB devices; stages 1-2 stay above their floor."""
+    from helpers.memory import count_parameters_from_config, zero_model_states
+
+    psi = count_parameters_from_config("huggyllama/llama-65b")["total"]
+    fits = {stage: [n for n in (2**i for i in range(13))
+                    if zero_model_states(psi, stage=stage, num_devices=n)["total"] <= 80e9] for stage in range(4)}
+    assert fits[3] and not fits[0] and not fits[1] and not fits[2]
+    assert zero_model_states(psi, stage=1, num_devices=4096)["total"] > 4 * psi  # fp16 weights + gradients, replicated
+    assert zero_model_states(psi, stage=2, num_devices=4096)["total"] > 2 * psi  # fp16 weights, replicated
+
+
+def test_with_lora_zero2_shards_little_and_zero3_divides_the_frozen_weights():
+    """Notebook 04, section 1: LLaMA-7B, fp16, LoRA r=8, 8 devices."""
+    from helpers.memory import estimate_memory
+
+    def states(stage):
+        estimate = estimate_memory("huggyllama/llama-7b", weights="fp16", method="lora", lora_r=8, zero_stage=stage,
+                                   num_devices=8, batch_size=1, seq_len=512)
+        return {k: estimate.components[k] for k in ("weights", "adapter", "gradients", "optimizer")}
+
+    zero, two, three = states(0), states(2), states(3)
+    assert 0 < 1 - sum(two.values()) / sum(zero.values()) < 0.02  # LoRA's trainable states: little to shard
+    assert three["weights"] * 8 == pytest.approx(zero["weights"], abs=1e-3)
+
+
+def test_deepspeed_counts_a_live_model_as_the_course_counts_its_config():
+    """The notebook asks DeepSpeed's estimator about Pythia-70m's shape with the course's parameter count."""
+    import torch
+    import transformers
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    from helpers.memory import count_parameters_from_config
+
+    config = transformers.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=256, vocab_size=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    # A live model: DeepSpeed tells tensors apart by address, and meta tensors all have the same one.
+    total, largest = model_to_params(transformers.GPTNeoXForCausalLM(config))
+    assert total == count_parameters_from_config(config)["total"]
+    assert largest == 512 * 64  # an embedding (input or output): the largest layer
+
+
+# --- helpers.launching: what notebook 04's launches go through ----------------------------------------------
+def test_launch_env_gives_each_process_its_share_of_the_cores(monkeypatch):
+    import torch
+
+    from helpers.launching import launch_env
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert launch_env(2) == {"OMP_NUM_THREADS": "4", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
+                             "CUDA_VISIBLE_DEVICES": ""}
+    assert launch_env(16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a GPU per process: NCCL, nothing hidden
+    assert launch_env(2) == {"OMP_NUM_THREADS": "4", "TOKENIZERS_PARALLELISM": "false"}
+    with pytest.raises(ValueError, match="positive integer"):
+        launch_env(0)
+
+
+def test_executable_finds_the_launchers_next_to_this_python():
+    from pathlib import Path
+
+    from helpers.launching import executable
+
+    for name in ("torchrun", "deepspeed", "accelerate"):
+        assert Path(executable(name)).name == name
+    with pytest.raises(FileNotFoundError, match="no-such-launcher is installed neither"):
+        executable("no-such-launcher")
+
+
+def test_launcher_prints_the_command_and_the_summary_and_keeps_the_log(tmp_path, capsys):
+    from helpers.launching import Launcher
+
+    launch = Launcher(tmp_path / "logs", env={"COURSE_TEST_VALUE": "42"})
+    script = "import os; print('noise'); print('[train_lora] world size 1, ' + os.environ['COURSE_TEST_VALUE'])"
+    seconds = launch("ok", [sys.executable, "-c", script, "two words"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"$ {launch.commands['ok']}"
+    assert launch.commands["ok"].startswith(f"{os.path.basename(sys.executable)} -c ")
+    assert launch.commands["ok"].endswith(" 'two words'")  # quoted as a shell needs it
+    assert printed[1] == "  world size 1, 42"  # the script's summary line, its prefix removed; no noise
+    assert printed[2].endswith(f"log in {tmp_path / 'logs' / 'ok.log'}") and seconds >= 0
+    assert (tmp_path / "logs" / "ok.log").read_text().splitlines() == ["noise", "[train_lora] world size 1, 42"]
+    launch("shown", [sys.executable, "-c", "pass"], show="python -c pass")
+    assert launch.commands["shown"] == "python -c pass"
+
+
+def test_launcher_raises_with_the_end_of_the_log_when_the_command_fails(tmp_path, capsys):
+    from helpers.launching import Launcher
+
+    launch = Launcher(tmp_path)
+    with pytest.raises(RuntimeError, match="bad failed with exit code 3; the whole log: .*bad.log"):
+        launch("bad", [sys.executable, "-c", "import sys; print('what went wrong'); sys.exit(3)"])
+    assert "what went wrong" in capsys.readouterr().out
+
+
+def test_the_training_script_does_not_import_notebook_plumbing():
+    source = (REPO_ROOT / "scripts" / "train_lora.py").read_text()
+    assert "helpers.launching" not in source and "from helpers import launching" not in source
+
+
 # --- scripts/train_lora.py: --help and argument errors --------------------------------------------------
 @pytest.fixture(scope="module")
 def script():
