@@ -1,4 +1,5 @@
-"""helpers.chat and helpers.export: the chat prompt format, streamed replies, the widget, the terminal chat."""
+"""helpers.chat and helpers.export: the chat prompt format, streamed replies, the widget, the terminal chat;
+merging and blending adapters (notebook 07)."""
 import io
 import os
 import subprocess
@@ -89,8 +90,9 @@ def test_chat_template_travels_with_the_tokenizer_and_is_the_fallback(tmp_path):
     from transformers import AutoTokenizer
     from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
 
+    assert load_tokenizer(MODEL).chat_template == CHAT_TEMPLATE  # the stand-in ships with it (chat_template.jinja)
     plain = load_tokenizer(MODEL)
-    assert plain.chat_template is None  # the stand-in ships without one; template_prompt_ids falls back to it
+    plain.chat_template = None  # a base model's tokenizer (Pythia's has none): template_prompt_ids falls back to it
     add_chat_template(load_tokenizer(MODEL)).save_pretrained(tmp_path)
     assert (tmp_path / "chat_template.jinja").is_file()
     saved = AutoTokenizer.from_pretrained(tmp_path)
@@ -201,11 +203,55 @@ def test_adapter_loads_kept_separate_or_merged_with_the_same_logits(loaded, adap
     names = {f.name for f in files}
     assert "model.safetensors.index.json" in names and "tokenizer.json" in names
     assert sum(name.startswith("model-") and name.endswith(".safetensors") for name in names) >= 2
+    assert not [name for name in names if name.endswith((".bin", ".pt", ".pth"))]  # no pickle files
 
-    from transformers import AutoModelForCausalLM
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    keys = [key for shard in sorted((tmp_path / "merged").glob("*.safetensors")) for key in safe_open(shard, "pt").keys()]
+    assert keys and not [key for key in keys if "lora" in key]  # merged: no adapter tensor left (notebook 07)
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("3 加 4")["input_ids"] == tok("3 加 4")["input_ids"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert max_logit_difference(separate, reloaded, ids) < 1e-4
+
+
+def test_weighted_adapters_cat_is_the_weighted_sum_linear_is_not_and_dare_drops_a_share(tmp_path):
+    """Notebook 07, section 6: peft's add_weighted_adapter on two LoRA adapters. `cat` is exactly the weighted sum of
+    the updates, `linear` is not (cross terms); DARE at density 1 is `linear`; at density d a share of about (1 - d)^2
+    of a DARE merge's factor entries is zero (an entry is zero only where both adapters dropped it)."""
+    import math
+    import warnings
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from helpers.models import load_model
+
+    for seed, name in ((1, "one"), (2, "two")):  # two adapters with random, non-zero A and B
+        torch.manual_seed(seed)
+        config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, init_lora_weights=False,
+                            target_modules=["query_key_value", "dense_4h_to_h"])
+        get_peft_model(load_model(MODEL, verbose=False), config).save_pretrained(tmp_path / name)
+    both = PeftModel.from_pretrained(load_model(MODEL, verbose=False), tmp_path / "one", adapter_name="one")
+    both.load_adapter(tmp_path / "two", adapter_name="two")
+    both.add_weighted_adapter(["one", "two"], [0.5, 0.5], "cat", combination_type="cat")
+    both.add_weighted_adapter(["one", "two"], [0.5, 0.5], "linear", combination_type="linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # peft warns that density 1 drops nothing
+        both.add_weighted_adapter(["one", "two"], [0.5, 0.5], "dare_whole", combination_type="dare_linear", density=1.0)
+    torch.manual_seed(0)
+    density = 0.5
+    both.add_weighted_adapter(["one", "two"], [0.5, 0.5], "dare", combination_type="dare_linear", density=density)
+    layer = both.base_model.model.gpt_neox.layers[0].attention.query_key_value
+    expected = 0.5 * layer.get_delta_weight("one") + 0.5 * layer.get_delta_weight("two")
+    assert (layer.get_delta_weight("cat") - expected).abs().max().item() < 1e-6
+    assert (layer.get_delta_weight("linear") - expected).abs().max().item() > 1e-6
+    for factor in (layer.lora_A, layer.lora_B):
+        assert torch.equal(factor["dare_whole"].weight, factor["linear"].weight)
+    dare = [f["dare"].weight for m in both.modules() if hasattr(m, "lora_A") and "dare" in m.lora_A
+            for f in (m.lora_A, m.lora_B)]
+    zeros, total = sum(int((w == 0).sum()) for w in dare), sum(w.numel() for w in dare)
+    share = (1 - density) ** 2
+    assert abs(zeros / total - share) < 6 * math.sqrt(share * (1 - share) / total), (zeros / total, share)
 
 
 def test_export_refuses_bad_input(tmp_path):

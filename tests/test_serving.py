@@ -259,3 +259,16 @@ def test_include_usage_adds_a_final_usage_chunk(server):
     assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # OpenAI: null until the last chunk
     without, _ = _stream(server.url, request | {"stream": True, "stream_options": {"include_usage": False}})
     assert all("usage" not in c for c in without) and without[-1]["choices"][0]["finish_reason"] is not None
+
+
+def test_prompt_tokens_are_what_the_chat_template_renders(server, loaded):
+    """Notebook 07: the prompt the server counts is the course's template rendered on the messages, a developer
+    message included (in front of the first question)."""
+    from helpers.standin import CHAT_TEMPLATE
+
+    _, tok = loaded
+    messages = [{"role": "developer", "content": "只回答结果。"}, {"role": "user", "content": "3 加 4 等于多少？"}]
+    answer = _complete(server.url, {"model": "tiny", "messages": messages, "temperature": 0, "max_completion_tokens": 4})
+    rendered = tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]
+    assert answer["usage"]["prompt_tokens"] == len(rendered)

@@ -72,6 +72,27 @@ def test_ptuning_v2_count_matches_the_formula(tiny_model_dir):
     assert sum(p.numel() for p in flat.parameters() if p.requires_grad) == n * width == 256
 
 
+def test_prompt_tuning_and_ptuning_v1_counts_and_the_memory_model(tiny_model_dir):
+    """Notebook 03's table of P-Tuning v2's relatives: prompt tuning learns N input embeddings; P-Tuning v1 (peft's
+    PromptEncoderConfig, an MLP by default) adds three linear layers of width d; helpers.memory counts P-Tuning v2."""
+    import copy
+
+    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+
+    from helpers.memory import prefix_parameters
+
+    n, base = 4, _base(tiny_model_dir)
+    trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    prompt = get_peft_model(copy.deepcopy(base), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n))
+    assert trainable(prompt) == n * HIDDEN
+    v1 = get_peft_model(copy.deepcopy(base), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                                                 encoder_hidden_size=HIDDEN))
+    assert trainable(v1) == n * HIDDEN + 3 * (HIDDEN * HIDDEN + HIDDEN)
+    for projection in (False, True):
+        v2 = tuning.prepare_model(copy.deepcopy(base), "ptuning-v2", pre_seq_len=n, prefix_projection=projection)
+        assert trainable(v2) == prefix_parameters(base.config, n, projection, prefix_hidden_size=HIDDEN)
+
+
 def test_lora_count(tiny_model_dir):
     model = tuning.prepare_model(_base(tiny_model_dir), "lora", lora_r=2)
     # per layer: qkv 16->48, dense 16->16, h_to_4h 16->32, 4h_to_h 32->16; r * (in + out) each
@@ -200,6 +221,17 @@ def test_train_or_load_trains_once_then_loads(tiny_model_dir, cache, monkeypatch
     assert info2["from_cache"] is True and info2["path"] == info["path"]
     assert info2["seconds_per_step"] == info["seconds_per_step"]  # the measurements travel with the run
     assert torch.equal(_logits(again, tokenizer2), first)
+
+
+def test_a_reloaded_lora_adapter_trains_only_when_asked(tiny_model_dir, cache):
+    """Notebook 03, section 4: resuming a LoRA checkpoint needs is_trainable=True; peft loads adapters frozen."""
+    from peft import PeftModel
+
+    _, _, info = run_cache.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)
+    trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert trainable(PeftModel.from_pretrained(_base(tiny_model_dir), info["path"] + "/model")) == 0
+    resumed = PeftModel.from_pretrained(_base(tiny_model_dir), info["path"] + "/model", is_trainable=True)
+    assert trainable(resumed) == info["trainable"] == 768 * 4
 
 
 def test_whole_model_methods_save_safetensors_and_reload_identically(tiny_model_dir, cache):
