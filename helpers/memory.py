@@ -16,10 +16,12 @@ What each part of a training step keeps in memory, in bytes:
                with or without gradient checkpointing; the KV cache for inference
 ZeRO stages shard the optimizer states (1), the gradients (2) and the parameters (3) over devices.
 
-Taught in notebooks/02_qlora.ipynb (weights, quantization, LoRA, optimizer states),
-notebooks/04_deepspeed_zero.ipynb (`zero_model_states`) and notebooks/08_speed_and_memory.ipynb
-(activations, and the validation against published measurements). The formulas and their sources
-are in lessons/08_speed_and_memory.md.
+Taught in notebooks/02_qlora.ipynb (weights, quantization, LoRA, optimizer states; it writes
+`quantized_bytes` and `lora_parameters`), notebooks/04_deepspeed_zero.ipynb (`zero_model_states`) and
+notebooks/08_speed_and_memory.ipynb (activations: it writes `activation_elements_per_token`, adds the estimate up
+from the pieces and validates it against published measurements). A notebook cell that starts with
+`# saved in helpers/memory.py` holds the same code as the function here (tests/test_hygiene.py checks it): change
+both. The formulas and their sources are in lessons/08_speed_and_memory.md.
 """
 from __future__ import annotations
 
@@ -208,8 +210,12 @@ def count_parameters_from_config(config_or_name) -> dict:
             "linear_layers": linears}
 
 
-def _quantized_bytes(n_in: int, n_out: int, weights: str) -> float:
-    """Bytes of one quantized weight matrix (out x in), constants included."""
+def quantized_bytes(n_in: int, n_out: int, weights: str) -> float:
+    """Bytes of one quantized weight matrix (out x in), constants included: int8 (LLM.int8), int4 (ChatGLM's
+    quantization_bit=4), nf4, nf4-dq (NF4 + double quantization). A 4096 x 4096 matrix in nf4-dq: 8,654,852 bytes.
+    Taught in notebooks/02_qlora.ipynb."""
+    if weights not in ("int8", "int4", "nf4", "nf4-dq"):
+        raise ValueError(f"weights must be one of ['int8', 'int4', 'nf4', 'nf4-dq'], got {weights!r}")
     n = n_in * n_out
     if weights == "int8":   # LLM.int8(): int8 values + one fp32 scale per output row (SCB)
         return n + 4 * n_out
@@ -229,9 +235,9 @@ def lora_parameters(config_or_name, r: int = 8, targets="all") -> int:
     the query/value or fused qkv projection, see helpers.models.LORA_TARGET_MODULES) or a list of
     module names. Taught in notebooks/02_qlora.ipynb.
     """
-    a = architecture(config_or_name)
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"lora_r must be a positive integer, got {r!r}")
+    a = architecture(config_or_name)
     names = _lora_names(a, targets)
     linears = _block_linears(a)
     per_block = sum(r * (n_in + n_out) for name, n_in, n_out, _ in linears if name in names)
@@ -344,9 +350,9 @@ def activation_elements_per_token(config_or_name, seq_len: int = 512, attention:
       mlp            h (input) + 2i (GELU input and output) or 3i (SwiGLU gate, up and product)
     Taught in notebooks/08_speed_and_memory.ipynb.
     """
-    a = architecture(config_or_name)
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention must be 'sdpa' (memory-efficient) or 'eager', got {attention!r}")
+    a = architecture(config_or_name)
     h, i = a["hidden_size"], a["intermediate_size"]
     kv = a["num_kv_heads"] * (h // a["num_heads"])
     attn = 3 * h + 2 * kv + (a["num_heads"] * (seq_len + prefix_len) if attention == "eager" else 0)
@@ -499,11 +505,11 @@ def estimate_memory(model, *, weights: str = "fp16", method: str = "lora", lora_
         bits = {"int8": 8, "int4": 4, "nf4": NF4_BITS, "nf4-dq": NF4_DQ_BITS}[weights]
         weight_bytes = total * bits / 8 + trained_base * 4
     else:
-        per_block_q = sum(_quantized_bytes(n_in, n_out, weights) for _, n_in, n_out, _ in counts["linear_layers"])
+        per_block_q = sum(quantized_bytes(n_in, n_out, weights) for _, n_in, n_out, _ in counts["linear_layers"])
         q_bytes, q_elems = counts["num_layers"] * per_block_q, counts["quantizable"]
         if method == "freeze" and trainable_params is None:  # the trained MLPs stay unquantized, in fp32
             mlp = [(n_in, n_out) for name, n_in, n_out, _ in counts["linear_layers"] if name in _MLP_NAMES]
-            q_bytes -= num_trainable_layers * sum(_quantized_bytes(i, o, weights) for i, o in mlp)
+            q_bytes -= num_trainable_layers * sum(quantized_bytes(i, o, weights) for i, o in mlp)
             q_elems -= num_trainable_layers * sum(i * o for i, o in mlp)
         elif method == "freeze":
             notes.append("freeze with trainable_params over quantized weights: trained part assumed unquantized")

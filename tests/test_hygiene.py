@@ -343,3 +343,14 @@ def test_the_saved_code_check_sees_a_change():
     same = ast.parse("def f(x):\n    \"\"\"Docs.\"\"\"\n    return x + 1\n").body[0]
     other = ast.parse("def f(x):\n    return x + 2\n").body[0]
     assert _essential(written) == _essential(same) != _essential(other)
+
+
+def test_memory_model_is_written_in_the_notebooks():
+    """The memory model's formulas are written where they are taught, in cells saved to helpers/memory.py, not
+    imported as a black box: notebook 02 the bytes of a quantized matrix and LoRA's parameters, notebook 08 the
+    activations a block keeps per token."""
+    written = {node.name: path.name for path, _, module, nodes in _saved_cells() if module == "helpers/memory.py"
+               for node in nodes}
+    taught = {"quantized_bytes": "02_qlora.ipynb", "lora_parameters": "02_qlora.ipynb",
+              "activation_elements_per_token": "08_speed_and_memory.ipynb"}
+    assert {name: written.get(name) for name in taught} == taught

@@ -13,6 +13,7 @@ from helpers.memory import (
     estimate_memory,
     lora_parameters,
     prefix_parameters,
+    quantized_bytes,
     zero_model_states,
 )
 
@@ -86,6 +87,18 @@ def test_bloom_weights_in_every_format():
     assert (expected["nf4"] - 2 * other) * 8 / BLOOM_QUANTIZED == 4.5
     assert math.isclose((expected["nf4-dq"] - 2 * other - 480) * 8 / BLOOM_QUANTIZED, NF4_DQ_BITS)
     assert round(NF4_DQ_BITS, 3) == 4.127
+
+
+def test_quantized_bytes_of_one_matrix():
+    # 4096 x 4096 = 16,777,216 values: 8,388,608 bytes of 4-bit codes in 262,144 blocks of 64 (notebook 02 counts the
+    # same bytes in the tensors bitsandbytes stores)
+    assert quantized_bytes(4096, 4096, "nf4") == 8_388_608 + 4 * 262_144
+    assert quantized_bytes(4096, 4096, "nf4-dq") == 8_388_608 + 262_144 + 4 * 1024 + 4
+    assert quantized_bytes(4096, 1024, "int8") == 4096 * 1024 + 4 * 1024  # one fp32 scale per output row
+    assert quantized_bytes(4096, 1024, "int4") == 4096 * 1024 // 2 + 2 * 1024  # one fp16 scale per output row
+    assert quantized_bytes(3, 5, "nf4") == 8 + 4  # 15 values: half a byte rounds up, one partial block
+    with pytest.raises(ValueError, match="weights must be one of"):
+        quantized_bytes(64, 64, "fp16")
 
 
 def test_lora_and_prefix_parameters():
