@@ -84,7 +84,7 @@ def test_recipe_trains_saves_resumes_and_reloads(tiny_glm, tmp_path):
     (out / "checkpoint-3").mkdir()
     resumed = run_recipe(tmp_path, tiny_glm, MAX_STEPS=4, SAVE_STEPS=2)
     assert resumed["resume"] == str(out / "checkpoint-2")
-    assert [p.name.rsplit("-", 1)[0] for p in out.glob("incomplete-*")] == ["incomplete-checkpoint-3"]
+    assert (out / "checkpoint-3").is_dir()  # skipped, not deleted: nothing already written is lost
     assert torch.equal(load_file(str(out / "adapter_model.safetensors"))["prompt_embeddings"], uninterrupted)
 
     # The saved prefix reloads, and generate sees it once repaired (notebook 03, section 1).
