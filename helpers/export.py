@@ -7,7 +7,7 @@
 
 A merged folder is a plain transformers model (safetensors shards + index + config + tokenizer): it
 loads without peft, in any tool that reads Hugging Face checkpoints. Taught in
-notebooks/07_export_chat_api.ipynb.
+notebooks/10_merge_and_export.ipynb.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def load_for_inference(model_name: str, adapter: str | Path | None = None, *, qu
     Without `merge` the adapter stays a separate branch (`PeftModel`): the base weights are untouched,
     which is what a quantized base needs. `merge=True` folds the adapter into 16/32-bit weights (faster,
     no peft at run time); merging into a quantized base is refused here, because it would round the
-    merged weights to 4 bits again (see lessons/07_export_chat_api.md).
-    Taught in notebooks/07_export_chat_api.ipynb.
+    merged weights to 4 bits again (see lessons/10_merge_and_export.md).
+    Taught in notebooks/10_merge_and_export.ipynb.
     """
     from .models import load_model, load_tokenizer
 
@@ -66,7 +66,7 @@ def merge_and_save(model_name: str, adapter: str | Path, output_dir: str | Path,
     `base_model` lets you pass the base weights to merge into (e.g. a dequantized 4-bit base for a
     QLoRA adapter); otherwise `model_name` is loaded unquantized in `dtype`. The tokenizer is saved
     beside the weights so the folder is self-contained. Returns the files written, sorted.
-    Taught in notebooks/07_export_chat_api.ipynb.
+    Taught in notebooks/10_merge_and_export.ipynb.
     """
     from peft import PeftModel
 

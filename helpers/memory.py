@@ -16,12 +16,12 @@ What each part of a training step keeps in memory, in bytes:
                with or without gradient checkpointing; the KV cache for inference
 ZeRO stages shard the optimizer states (1), the gradients (2) and the parameters (3) over devices.
 
-Taught in notebooks/02_qlora.ipynb (weights, quantization, LoRA, optimizer states; it writes
-`quantized_bytes` and `lora_parameters`), notebooks/04_deepspeed_zero.ipynb (`zero_model_states`) and
-notebooks/08_speed_and_memory.ipynb (activations: it writes `activation_elements_per_token`, adds the estimate up
+Taught in notebooks/03_qlora_training.ipynb (weights, quantization, LoRA, optimizer states; it writes
+`quantized_bytes` and `lora_parameters`), notebooks/05_deepspeed_zero.ipynb (`zero_model_states`) and
+notebooks/12_speed_and_memory.ipynb (activations: it writes `activation_elements_per_token`, adds the estimate up
 from the pieces and validates it against published measurements). A notebook cell that starts with
 `# saved in helpers/memory.py` holds the same code as the function here (tests/test_hygiene.py checks it): change
-both. The formulas and their sources are in lessons/08_speed_and_memory.md.
+both. The formulas and their sources are in lessons/12_speed_and_memory.md.
 """
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def count_parameters_from_config(config_or_name) -> dict:
     linear layers, what bitsandbytes quantizes), per_block_bias, norms (outside the blocks),
     quantizable (per_block_linear x layers), linear_layers (name, in, out, bias) of one block, and
     num_layers. bloom-7b1 gives 7,069,016,064 and pythia-70m 70,426,624.
-    Taught in notebooks/02_qlora.ipynb.
+    Taught in notebooks/03_qlora_training.ipynb.
     """
     a = architecture(config_or_name)
     h, L, V = a["hidden_size"], a["num_layers"], a["vocab_size"]
@@ -213,7 +213,7 @@ def count_parameters_from_config(config_or_name) -> dict:
 def quantized_bytes(n_in: int, n_out: int, weights: str) -> float:
     """Bytes of one quantized weight matrix (out x in), constants included: int8 (LLM.int8), int4 (ChatGLM's
     quantization_bit=4), nf4, nf4-dq (NF4 + double quantization). A 4096 x 4096 matrix in nf4-dq: 8,654,852 bytes.
-    Taught in notebooks/02_qlora.ipynb."""
+    Taught in notebooks/03_qlora_training.ipynb."""
     if weights not in ("int8", "int4", "nf4", "nf4-dq"):
         raise ValueError(f"weights must be one of ['int8', 'int4', 'nf4', 'nf4-dq'], got {weights!r}")
     n = n_in * n_out
@@ -233,7 +233,7 @@ def lora_parameters(config_or_name, r: int = 8, targets="all") -> int:
 
     targets: "all" (every linear layer of the blocks, the QLoRA recipe), "attention" (classic LoRA:
     the query/value or fused qkv projection, see helpers.models.LORA_TARGET_MODULES) or a list of
-    module names. Taught in notebooks/02_qlora.ipynb.
+    module names. Taught in notebooks/03_qlora_training.ipynb.
     """
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"lora_r must be a positive integer, got {r!r}")
@@ -271,7 +271,7 @@ def prefix_parameters(config_or_name, pre_seq_len: int = 16, prefix_projection: 
     layers*2*hidden), and with the projection the table is Embedding(N, kv) -> Linear(kv, H) -> Tanh
     -> Linear(H, kv), H = hidden_size. peft does the same for every grouped-query model (GLM-4, Mistral):
     its token_dim becomes head_dim * num_key_value_heads, and the projection's width defaults to it.
-    Taught in notebooks/03_ptuning_and_methods.ipynb."""
+    Taught in notebooks/04_ptuning_and_methods.ipynb."""
     a = architecture(config_or_name)
     if not isinstance(pre_seq_len, int) or pre_seq_len < 1:
         raise ValueError(f"pre_seq_len must be a positive integer, got {pre_seq_len!r}")
@@ -308,7 +308,7 @@ def zero_model_states(num_params: int, *, stage: int, num_devices: int, k: float
     keeps the optimizer states, and from stage 2 the gradient shards, in CPU memory; ZeRO-Infinity's
     offload_params (stage 3) moves the parameter shards there too. Returns bytes per device:
     params, gradients, optimizer, total, and cpu (what was offloaded, per device).
-    Taught in notebooks/04_deepspeed_zero.ipynb.
+    Taught in notebooks/05_deepspeed_zero.ipynb.
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -348,7 +348,7 @@ def activation_elements_per_token(config_or_name, seq_len: int = 512, attention:
                      + heads * (seq_len + prefix_len) softmax probabilities with eager attention
                      (memory-efficient SDPA / FlashAttention keep only a log-sum-exp per head)
       mlp            h (input) + 2i (GELU input and output) or 3i (SwiGLU gate, up and product)
-    Taught in notebooks/08_speed_and_memory.ipynb.
+    Taught in notebooks/12_speed_and_memory.ipynb.
     """
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention must be 'sdpa' (memory-efficient) or 'eager', got {attention!r}")
@@ -434,7 +434,7 @@ def estimate_memory(model, *, weights: str = "fp16", method: str = "lora", lora_
       (`zero_model_states`), and stage 3 shards the frozen weights too.
     Trainable parameters are fp32 with fp32 gradients (PEFT's default), except full fine-tuning of
     16-bit weights, which is mixed precision: 16-bit weights and gradients + an fp32 master copy.
-    Taught in notebooks/02_qlora.ipynb and notebooks/08_speed_and_memory.ipynb.
+    Taught in notebooks/03_qlora_training.ipynb and notebooks/12_speed_and_memory.ipynb.
     """
     _check("weights", weights, WEIGHT_FORMATS)
     _check("method", method, METHODS)
@@ -676,7 +676,7 @@ def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
 
     With full_size=True (the notebook's FULL_SIZE) and a profile `gpu` the recipe does not fit, raises
     RecipeWontFit with the prediction, the largest component and what to change: an hour before an out-of-memory
-    error would have said less. Taught in the recipe sections of notebooks 01-05; the memory model in 02 and 08.
+    error would have said less. Taught in the recipe sections of notebooks 01, 03, 04, 06 and 08; the memory model in 02 and 12.
     """
     import pandas as pd
 
@@ -695,8 +695,8 @@ def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
         biggest = max(estimate.components, key=estimate.components.get)
         fits = [name for name in table.index if table.loc[name, "fits"] == "✓"]
         advice = {
-            "weights": "the weights alone are too big: quantize them (notebook 02's QLoRA recipe) or shard them "
-                       "over more GPUs (notebook 04's ZeRO-3)",
+            "weights": "the weights alone are too big: quantize them (notebook 03's QLoRA recipe) or shard them "
+                       "over more GPUs (notebook 05's ZeRO-3)",
             "activations": "lower BATCH_SIZE (raise GRADIENT_ACCUMULATION to keep the batch), shorten MAX_LENGTH, "
                            "or set GRADIENT_CHECKPOINTING = True",
         }.get(biggest, "train fewer parameters (LoRA), shard the states (ZeRO) or use an 8-bit optimizer")
@@ -709,7 +709,7 @@ def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
 
 
 def recipes_table(folder=None) -> str:
-    """Markdown: every recipe's predicted peak GiB on every GPU profile (lesson 08's table)."""
+    """Markdown: every recipe's predicted peak GiB on every GPU profile (lesson 12's table)."""
     from pathlib import Path
 
     folder = Path(folder) if folder else Path(__file__).resolve().parents[1] / "recipes"

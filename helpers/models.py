@@ -204,7 +204,7 @@ def load_model(name: str = DEFAULT_MODEL, *, quantization: str | None = None, dt
     Weights are loaded from safetensors only (never unpickled); `trust_remote_code` stays False unless
     you pass True with a pinned `revision` (a commit hash). With a CUDA GPU the model loads onto GPU 0 with
     `device_map` (never through CPU RAM); on a CPU it loads in float32 unless `dtype` says otherwise.
-    Taught in notebooks/00_setup_and_tour.ipynb; quantized loading in notebooks/02_qlora.ipynb.
+    Taught in notebooks/00_setup_and_tour.ipynb; quantized loading in notebooks/03_qlora_training.ipynb.
     """
     import torch
     import transformers
@@ -281,7 +281,7 @@ def keep_cpu_4bit_weights_trainable(model) -> int:
 
     The first no-grad forward in eval mode repacks each Linear4bit's weight for fast CPU inference,
     after which training fails or silently loses gradients (../shared/FACTS.md). Returns how many
-    layers were changed. Taught in notebooks/02_qlora.ipynb.
+    layers were changed. Taught in notebooks/03_qlora_training.ipynb.
     """
     import bitsandbytes as bnb
 

@@ -1,7 +1,7 @@
 """PPO for a causal language model, written out one small function at a time.
 
 TRL removed its PPOTrainer (moved to trl.experimental in 0.26, gone from 1.13), so the course writes
-the algorithm itself. notebooks/05_rlhf.ipynb writes the algorithm's pieces in its cells, each checked on
+the algorithm itself. notebooks/07_rlhf.ipynb writes the algorithm's pieces in its cells, each checked on
 numbers worked out by hand (`kl_penalized_rewards`, `gae`, `whiten`, `clipped_policy_loss`, `value_loss`,
 `ppo_epochs`, `ppo_step`); a cell that starts with `# saved in helpers/ppo.py` must define the same code as
 this module (tests/test_hygiene.py compares them), which keeps them for the tests and for whoever imports
@@ -19,7 +19,7 @@ them. The plumbing (sampling, padding, the value head) is only here. One PPO ite
 `ppo_step` runs one iteration; `evaluate_policy` measures mean reward and KL on held-out prompts.
 Per-token tensors have shape (batch, response_length) and are aligned with the response tokens: entry
 [b, t] belongs to response token t, predicted from everything before it. The formulas are in
-lessons/05_rlhf.md. Taught in notebooks/05_rlhf.ipynb.
+lessons/07_rlhf.md. Taught in notebooks/07_rlhf.ipynb.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ from .models import evaluating
 # --- configuration -------------------------------------------------------------------------------
 @dataclass
 class PPOConfig:
-    """PPO's knobs. Defaults are the values of the PPO paper / TRL's old PPOTrainer (see lessons/05_rlhf.md).
+    """PPO's knobs. Defaults are the values of the PPO paper / TRL's old PPOTrainer (see lessons/07_rlhf.md).
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
 
     batch_size: int = 16          # prompts per rollout
@@ -76,7 +76,7 @@ class PPOConfig:
 
 # --- small tensor helpers ------------------------------------------------------------------------
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`). Taught in notebooks/05_rlhf.ipynb."""
+    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`). Taught in notebooks/07_rlhf.ipynb."""
     if values.shape != mask.shape:
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must have the same shape")
     mask = mask.to(values.dtype)
@@ -88,7 +88,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Normalize the masked entries to mean 0 and standard deviation 1 (population std); others become 0.
 
-    With `shift_mean=False` only the scale changes. Taught in notebooks/05_rlhf.ipynb.
+    With `shift_mean=False` only the scale changes. Taught in notebooks/07_rlhf.ipynb.
     """
     mean = masked_mean(values, mask)
     var = masked_mean((values - mean) ** 2, mask)
@@ -101,7 +101,7 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under softmax(logits): (B, T, V) logits and (B, T) tokens -> (B, T).
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -109,7 +109,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """1.0 on each response token up to and including the first EOS, 0.0 on what generate padded after it.
 
-    A response without EOS (cut at max_new_tokens) keeps every token. Taught in notebooks/05_rlhf.ipynb.
+    A response without EOS (cut at max_new_tokens) keeps every token. Taught in notebooks/07_rlhf.ipynb.
     """
     is_eos = (responses == eos_token_id).long()
     eos_before = is_eos.cumsum(dim=1) - is_eos  # how many EOS came strictly before this position
@@ -119,7 +119,7 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: 0 at each row's first real token (what `generate` uses).
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -130,7 +130,7 @@ class PolicyWithValueHead(torch.nn.Module):
 
     The value head predicts, at every position, the return still to come; sharing the transformer with
     the policy (as TRL's AutoModelForCausalLMWithValueHead and the seed did) saves a second model. The
-    head starts at zero, so the first values are 0. Taught in notebooks/05_rlhf.ipynb.
+    head starts at zero, so the first values are 0. Taught in notebooks/07_rlhf.ipynb.
     """
 
     def __init__(self, model):
@@ -183,7 +183,7 @@ def rollout(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, temp
     """Sample one response per prompt from the policy (top_k=0, top_p=1: the distribution as it is).
 
     Prompts are padded on the left so every response starts at the same column. Taught in
-    notebooks/05_rlhf.ipynb.
+    notebooks/07_rlhf.ipynb.
     """
     if isinstance(prompts, str) or not prompts:
         raise ValueError("rollout takes a non-empty list of prompts")
@@ -212,7 +212,7 @@ def policy_forward(policy: PolicyWithValueHead, ro: Rollout):
 def response_logprobs(model, ro: Rollout, return_logits: bool = False):
     """log p(response token) under `model` (the frozen reference, or any causal LM), shape (B, R).
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     ids, attention = ro.full()
     if isinstance(model, PolicyWithValueHead):
@@ -232,7 +232,7 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
 
     Returns (rewards, kl), both (B, R) and 0 outside the mask. The KL term is paid token by token, so the
     policy learns where it drifted; the reward model's score arrives once, at the end of the response.
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
@@ -257,7 +257,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         returns = A + V                                 (the value head's regression target)
 
     Returns (advantages, returns), 0 outside the mask. lam=1 gives Monte-Carlo returns minus the value,
-    lam=0 the one-step TD error. Taught in notebooks/05_rlhf.ipynb.
+    lam=0 the one-step TD error. Taught in notebooks/07_rlhf.ipynb.
     """
     if not (rewards.shape == values.shape == mask.shape):
         raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask {tuple(mask.shape)} "
@@ -284,7 +284,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     ratio = pi_new(a_t) / pi_old(a_t). Taking the max of the two losses (the min of the two objectives)
     removes any gain from moving the ratio beyond 1 +/- eps in the direction the advantage favours.
     Returns (loss, stats) with the share of clipped tokens and an estimate of KL(old || new).
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -304,7 +304,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     """Clipped value loss: 0.5 * mean over tokens of max((V - R)^2, (V_clipped - R)^2).
 
     V_clipped = V_old + clip(V - V_old, -c, c) keeps one minibatch from moving the value far from the
-    estimate the advantages were computed with. Taught in notebooks/05_rlhf.ipynb.
+    estimate the advantages were computed with. Taught in notebooks/07_rlhf.ipynb.
     """
     if clip_range_value <= 0:
         raise ValueError(f"clip_range_value must be > 0, got {clip_range_value}")
@@ -315,7 +315,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 def minibatch_indices(n: int, minibatch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """A shuffled partition of range(n) into minibatches of `minibatch_size` (the last may be smaller).
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     if n < 1 or minibatch_size < 1:
         raise ValueError(f"need n >= 1 and minibatch_size >= 1, got n={n}, minibatch_size={minibatch_size}")
@@ -329,7 +329,7 @@ def ppo_epochs(policy: PolicyWithValueHead, optimizer, ro: Rollout, old_logprobs
     """`config.ppo_epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
 
     Loss per minibatch = clipped_policy_loss + vf_coef * value_loss, gradients clipped to max_grad_norm.
-    Returns one stats dict per optimizer step. Taught in notebooks/05_rlhf.ipynb.
+    Returns one stats dict per optimizer step. Taught in notebooks/07_rlhf.ipynb.
     """
     n = ro.responses.shape[0]
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -359,7 +359,7 @@ def ppo_step(policy: PolicyWithValueHead, ref_model, tokenizer, prompts: list[st
     `reward_fn(prompts, responses) -> tensor of scores` (e.g. a reward model through
     helpers.rewards.score_with_reward_model, or a rule). `ref_model` is the frozen model the KL penalty
     is measured against. Returns the iteration's statistics (mean score, mean KL, losses...).
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     if len(prompts) != config.batch_size:
         raise ValueError(f"ppo_step got {len(prompts)} prompts, config.batch_size is {config.batch_size}")
@@ -387,7 +387,7 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) 
 
     sum_t sum_v pi(v | s_t) * (log pi(v | s_t) - log pi_ref(v | s_t)), one value per row (B,). Lower
     variance than the sampled estimate log pi(a_t) - log pi_ref(a_t), which is what the reward pays.
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     logp = F.log_softmax(logits.float(), dim=-1)
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
@@ -402,7 +402,7 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts: list[str], reward_fn,
 
     Sampling (not greedy) so the KL is that of the policy's own distribution; the fixed seed makes two
     evaluations comparable. Returns mean_score, mean_kl (exact, `full_kl`), the responses and scores.
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     cpu_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

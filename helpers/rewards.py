@@ -1,6 +1,6 @@
 """Rewards for RLHF: a verifiable reward (is the gold answer there?) and reward-model scores.
 
-Two kinds of reward drive notebooks/05_rlhf.ipynb:
+Two kinds of reward drive notebooks/07_rlhf.ipynb:
 
 - a *learned* reward: a sequence-classification model trained on preference pairs (Bradley–Terry),
   read with `score_with_reward_model` exactly as TRL's `RewardTrainer` fed it during training
@@ -9,7 +9,7 @@ Two kinds of reward drive notebooks/05_rlhf.ipynb:
   ordering numbers, translation, which department) by a rule, so GRPO can train without any reward
   model and every method can be scored for task correctness.
 
-Taught in notebooks/05_rlhf.ipynb; the theory is in lessons/05_rlhf.md.
+Taught in notebooks/07_rlhf.ipynb; the theory is in lessons/07_rlhf.md.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ _NUMBER_LIST = re.compile(r"^-?\d+(\s*,\s*-?\d+)*$")
 def extract_numbers(text: str) -> list[int]:
     """Every integer in `text`, in order ("28 减 6 等于 22。" -> [28, 6, 22]).
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     return [int(n) for n in _NUMBER.findall(unicodedata.normalize("NFKC", text or ""))]
 
@@ -41,7 +41,7 @@ def is_correct(completion: str, answer: str) -> bool:
       `helpers.generation.normalize_answer` (NFKC, lower case, spaces and punctuation removed); an ASCII
       answer must also be a whole word, so "ear" does not pass inside "heart".
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     if not isinstance(answer, str) or not answer.strip():
         raise ValueError(f"answer must be a non-empty string (the gold answer of the task), got {answer!r}")
@@ -72,7 +72,7 @@ def correctness_reward(prompts=None, completions=None, answer=None, **kwargs) ->
 
     GRPOTrainer calls reward functions with keyword arguments: `prompts`, `completions` and every other
     dataset column, so the `answer` column of `preference_pairs` arrives as `answer` (one per completion).
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     if completions is None or answer is None:
         raise ValueError("correctness_reward needs `completions` and `answer` (a dataset column with the gold answers)")
@@ -90,7 +90,7 @@ def partial_credit(completion: str, answer: str) -> float:
     - text answers: 1.0 or 0.0, as `is_correct`.
 
     A tiny policy rarely gets an answer exactly right, and GRPO learns nothing from a group whose rewards
-    are all equal; partial credit gives it a gradient. Taught in notebooks/05_rlhf.ipynb.
+    are all equal; partial credit gives it a gradient. Taught in notebooks/07_rlhf.ipynb.
     """
     if is_correct(completion, answer):
         return 1.0
@@ -110,7 +110,7 @@ def partial_credit(completion: str, answer: str) -> float:
 def partial_credit_reward(prompts=None, completions=None, answer=None, **kwargs) -> list[float]:
     """`partial_credit` per completion, with the keyword signature TRL's `GRPOTrainer` calls reward functions with.
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     if completions is None or answer is None:
         raise ValueError("partial_credit_reward needs `completions` and `answer` (a dataset column with the gold answers)")
@@ -120,7 +120,7 @@ def partial_credit_reward(prompts=None, completions=None, answer=None, **kwargs)
 
 
 def correctness_rate(completions: list[str], answers: list[str]) -> float:
-    """Share of completions that `is_correct`, in percent. Taught in notebooks/05_rlhf.ipynb."""
+    """Share of completions that `is_correct`, in percent. Taught in notebooks/07_rlhf.ipynb."""
     if not answers:
         raise ValueError("no examples to score")
     return 100.0 * sum(correctness_reward(completions=completions, answer=answers)) / len(answers)
@@ -129,7 +129,7 @@ def correctness_rate(completions: list[str], answers: list[str]) -> float:
 def reward_model_texts(tokenizer, prompts: list[str], responses: list[str]) -> list[str]:
     """What the reward model reads: prompt + response + EOS, the way TRL's RewardTrainer built its inputs.
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     if isinstance(prompts, str) or isinstance(responses, str):
         raise TypeError("prompts and responses must be lists of strings")
@@ -144,7 +144,7 @@ def score_with_reward_model(model, tokenizer, prompts: list[str], responses: lis
     """The reward model's scalar score for each (prompt, response), as a float32 CPU tensor.
 
     The sequence-classification head reads the hidden state of the last non-padding token, which is the
-    EOS that `reward_model_texts` appends. Taught in notebooks/05_rlhf.ipynb.
+    EOS that `reward_model_texts` appends. Taught in notebooks/07_rlhf.ipynb.
     """
     import torch
 
@@ -162,7 +162,7 @@ def score_with_reward_model(model, tokenizer, prompts: list[str], responses: lis
 def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
     """Share of pairs where the chosen answer outscores the rejected one, in percent (chance is 50).
 
-    Taught in notebooks/05_rlhf.ipynb.
+    Taught in notebooks/07_rlhf.ipynb.
     """
     if len(chosen_scores) != len(rejected_scores):
         raise ValueError(f"{len(chosen_scores)} chosen scores for {len(rejected_scores)} rejected scores")

@@ -115,7 +115,7 @@ def heading(ax, height, title: str, caption: str, width: int):
 # The numbers the pictures show
 # ---------------------------------------------------------------------------------------------
 
-NF4_OFFSET = 0.9677083  # bitsandbytes' create_normal_map: the outermost quantile used (lesson 02, section 1)
+NF4_OFFSET = 0.9677083  # bitsandbytes' create_normal_map: the outermost quantile used (lesson 03, section 1)
 
 
 def _quantile_probabilities(n: int) -> list[float]:
@@ -189,13 +189,13 @@ def first_fit(lengths: list[int], block: int) -> list[list[int]]:
 COURSE = [
     ("00", "Setup and tour", "environment, base model, tokenizer, data, loss mask", "start"),
     ("01", "LoRA basics", "LoRA from scratch = peft; r, α, targets; Trainer", "peft"),
-    ("02", "QLoRA", "NF4, double quantization, paged optimizers", "peft"),
-    ("03", "P-Tuning v2 and the methods table", "prefixes; LoRA vs P-Tuning vs Freeze vs full", "peft"),
-    ("04", "DeepSpeed ZeRO and multi-GPU training", "ZeRO stages 0–3, offload, 2-process runs", "scale"),
-    ("05", "RLHF: reward model, PPO, DPO, GRPO", "PPO written out; DPO, GRPO on the same prompts", "align"),
-    ("06", "Evaluation", "BLEU-4, Chinese ROUGE, accuracy, perplexity", "use"),
-    ("07", "Export, chat and an OpenAI-compatible API", "merge, safetensors, chat, a server", "use"),
-    ("08", "Speed and memory", "memory model, tokens/s, padding vs packing", "scale"),
+    ("03", "QLoRA", "NF4, double quantization, paged optimizers", "peft"),
+    ("04", "P-Tuning v2 and the methods table", "prefixes; LoRA vs P-Tuning vs Freeze vs full", "peft"),
+    ("05", "DeepSpeed ZeRO and multi-GPU training", "ZeRO stages 0–3, offload, 2-process runs", "scale"),
+    ("07", "RLHF: reward model, PPO, DPO, GRPO", "PPO written out; DPO, GRPO on the same prompts", "align"),
+    ("09", "Evaluation", "BLEU-4, Chinese ROUGE, accuracy, perplexity", "use"),
+    ("10", "Export, chat and an OpenAI-compatible API", "merge, safetensors, chat, a server", "use"),
+    ("12", "Speed and memory", "memory model, tokens/s, padding vs packing", "scale"),
 ]
 PARTS = {"start": ("getting started", YELLOW, "#B8A800"), "peft": ("parameter-efficient tuning", SKY, SKY),
          "scale": ("memory, devices, speed", ORANGE, ORANGE), "align": ("learning from preferences", GREEN, GREEN),

@@ -1,7 +1,7 @@
 # recipes/01_lora.py: LoRA fine-tuning of a causal LM on PromptCBLUE-style prompt -> answer data, loss on the answer.
 # Run: python recipes/01_lora.py   (one GPU; notebooks/01_lora_basics.ipynb teaches every step at tiny size)
 # Needs: pip install torch transformers peft datasets accelerate. bloom-7b1 in 16 bits needs an L4 (24 GB) or larger;
-# on Colab's free T4 use recipes/02_qlora.py. PromptCBLUE is not on the Hub: download it (its README says where) and
+# on Colab's free T4 use recipes/03_qlora.py. PromptCBLUE is not on the Hub: download it (its README says where) and
 # point DATA at train.json. Checkpoints go to OUTPUT_DIR every SAVE_STEPS; run it again and it resumes.
 import json
 import os

@@ -1,5 +1,5 @@
 """helpers.chat and helpers.export: the chat prompt format, streamed replies, the widget, the terminal chat;
-merging and blending adapters (notebook 07)."""
+merging and blending adapters (notebook 10)."""
 import io
 import os
 import subprocess
@@ -209,14 +209,14 @@ def test_adapter_loads_kept_separate_or_merged_with_the_same_logits(loaded, adap
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     keys = [key for shard in sorted((tmp_path / "merged").glob("*.safetensors")) for key in safe_open(shard, "pt").keys()]
-    assert keys and not [key for key in keys if "lora" in key]  # merged: no adapter tensor left (notebook 07)
+    assert keys and not [key for key in keys if "lora" in key]  # merged: no adapter tensor left (notebook 10)
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("3 加 4")["input_ids"] == tok("3 加 4")["input_ids"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert max_logit_difference(separate, reloaded, ids) < 1e-4
 
 
 def test_weighted_adapters_cat_is_the_weighted_sum_linear_is_not_and_dare_drops_a_share(tmp_path):
-    """Notebook 07, section 6: peft's add_weighted_adapter on two LoRA adapters. `cat` is exactly the weighted sum of
+    """Notebook 10, section 6: peft's add_weighted_adapter on two LoRA adapters. `cat` is exactly the weighted sum of
     the updates, `linear` is not (cross terms); DARE at density 1 is `linear`; at density d a share of about (1 - d)^2
     of a DARE merge's factor entries is zero (an entry is zero only where both adapters dropped it)."""
     import math

@@ -1,4 +1,4 @@
-"""helpers.ppo: every piece of notebook 05's PPO on small hand-computable cases, then a tiny end-to-end run."""
+"""helpers.ppo: every piece of notebook 07's PPO on small hand-computable cases, then a tiny end-to-end run."""
 import copy
 import math
 
@@ -190,7 +190,7 @@ def test_rollout_logprobs_match_what_generate_sampled_from(tiny):
 
 
 def test_evaluate_policy_puts_a_model_at_kl_zero_from_its_frozen_copy(tiny):
-    """Notebook 05's comparison table: the SFT model, scored against the reference (a frozen copy of it), is at KL 0."""
+    """Notebook 07's comparison table: the SFT model, scored against the reference (a frozen copy of it), is at KL 0."""
     tokenizer, model = tiny
     reference = copy.deepcopy(model).requires_grad_(False)
     result = evaluate_policy(model, reference, tokenizer, ["a b", "c", "d d", "b c a"], lambda p, t: [0.0] * len(t),

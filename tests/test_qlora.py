@@ -1,5 +1,5 @@
 """helpers.quantization: measured bytes of 4-bit / int8 / float models, and the compute dtype choice; and what notebook
-02 relies on from bitsandbytes, transformers, peft and helpers.memory (the checks that guard it against their drift)."""
+03 relies on from bitsandbytes, transformers, peft and helpers.memory (the checks that guard it against their drift)."""
 import logging
 
 import pytest
@@ -103,7 +103,7 @@ def test_compute_dtype_on_gpu_follows_the_compute_capability():
     assert preferred_compute_dtype("cuda") is (torch.bfloat16 if major >= 8 else torch.float16)
 
 
-# --- recipes/02_qlora.py: the parts that must agree with what notebook 02 teaches ---------------------------------
+# --- recipes/03_qlora.py: the parts that must agree with what notebook 03 teaches ---------------------------------
 def _recipe_functions(**namespace):
     """The recipe's functions, defined without running the script (it would load bloom-7b1)."""
     import ast
@@ -113,10 +113,10 @@ def _recipe_functions(**namespace):
 
     from helpers.env import REPO_ROOT
 
-    tree = ast.parse((REPO_ROOT / "recipes" / "02_qlora.py").read_text(encoding="utf-8"))
+    tree = ast.parse((REPO_ROOT / "recipes" / "03_qlora.py").read_text(encoding="utf-8"))
     functions = ast.Module([node for node in tree.body if isinstance(node, ast.FunctionDef)], type_ignores=[])
     namespace = {"json": json, "os": os, "re": re, **namespace}
-    exec(compile(functions, "recipes/02_qlora.py", "exec"), namespace)
+    exec(compile(functions, "recipes/03_qlora.py", "exec"), namespace)
     return namespace
 
 
@@ -154,10 +154,10 @@ def test_recipe_resumes_from_the_last_complete_checkpoint(tmp_path):
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
 
 
-# --- What notebook 02 relies on, moved from its cells (issue 18): the notebook shows these, the tests keep them -----
-# bitsandbytes' 4-bit and 8-bit storage, as notebook 02 rebuilds it (sections 1 and 2, exercise 1).
+# --- What notebook 03 relies on, moved from its cells (issue 18): the notebook shows these, the tests keep them -----
+# bitsandbytes' 4-bit and 8-bit storage, as notebook 03 rebuilds it (sections 1 and 2, exercise 1).
 def _nearest_code(x, code, blocksize):
-    """Notebook 02's quantize_4bit_ours and pack: each block / its absmax -> nearest value, two codes a byte."""
+    """Notebook 03's quantize_4bit_ours and pack: each block / its absmax -> nearest value, two codes a byte."""
     sorted_code, order = code.sort()
     blocks = x.reshape(-1, blocksize).float()
     absmax = blocks.abs().amax(dim=1)
@@ -231,10 +231,10 @@ def test_paged_adamw_on_a_cpu_says_it_falls_back_and_is_adamw():
             paged.step()
             plain.step()
     assert (ours - reference).abs().max().item() < 1e-5
-    assert any("Falling back to non-paged" in str(w.message) for w in caught)  # lesson 02, section 4 quotes it
+    assert any("Falling back to non-paged" in str(w.message) for w in caught)  # lesson 03, section 4 quotes it
 
 
-# transformers and peft: what notebook 02's 4-bit model is made of (section 5, section 7, exercise 5).
+# transformers and peft: what notebook 03's 4-bit model is made of (section 5, section 7, exercise 5).
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_a_4bit_load_builds_what_its_configuration_asks(tiny_dir, quant_type, double_quant):
@@ -267,7 +267,7 @@ def test_prepare_model_for_kbit_training_keeps_what_is_not_4bit_in_fp32_and_froz
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
-# helpers.memory: the paper's figures notebook 02 reproduces (section 3), and its recipe's predictions (section 8).
+# helpers.memory: the paper's figures notebook 03 reproduces (section 3), and its recipe's predictions (section 8).
 def test_guanaco_sizes_and_the_double_quantization_saving():
     from helpers.memory import GB, lora_parameters
 
@@ -288,27 +288,27 @@ def test_guanaco_sizes_and_the_double_quantization_saving():
 
 
 def _notebook_full_size():
-    """The full-size values of notebook 02's configuration cell (SIZES: setting -> (tiny, full size))."""
+    """The full-size values of notebook 03's configuration cell (SIZES: setting -> (tiny, full size))."""
     import ast
     import json
 
     from helpers.env import REPO_ROOT
 
-    cells = json.loads((REPO_ROOT / "notebooks" / "02_qlora.ipynb").read_text(encoding="utf-8"))["cells"]
+    cells = json.loads((REPO_ROOT / "notebooks" / "03_qlora_training.ipynb").read_text(encoding="utf-8"))["cells"]
     for cell in cells:
         if cell["cell_type"] == "code" and "SIZES = {" in "".join(cell["source"]):
             for node in ast.parse("".join(cell["source"])).body:
                 if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "SIZES":
                     return {ast.literal_eval(k): ast.literal_eval(v.elts[1]) for k, v in zip(node.value.keys,
                                                                                                node.value.values)}
-    raise AssertionError("notebook 02 has no SIZES in its configuration cell")
+    raise AssertionError("notebook 03 has no SIZES in its configuration cell")
 
 
-def test_notebook_02_full_size_is_its_recipe():
+def test_notebook_03_full_size_is_its_recipe():
     from helpers.env import REPO_ROOT
     from helpers.memory import recipe_constants
 
-    recipe = recipe_constants(REPO_ROOT / "recipes" / "02_qlora.py")
+    recipe = recipe_constants(REPO_ROOT / "recipes" / "03_qlora.py")
     full = _notebook_full_size()
     names = {"MODEL": "model_name", "MAX_LENGTH": "max_length", "LORA_R": "lora_r", "BATCH_SIZE": "per_device_train_batch_size",
              "GRADIENT_ACCUMULATION": "gradient_accumulation_steps", "LEARNING_RATE": "learning_rate",
@@ -320,7 +320,7 @@ def test_recipe_02_memory_predictions_the_notebook_prints():
     from helpers.env import REPO_ROOT
     from helpers.memory import CUDA_RESERVE_GIB, GIB, GPU_PROFILES, recipe_constants, recipe_memory
 
-    script = REPO_ROOT / "recipes" / "02_qlora.py"
+    script = REPO_ROOT / "recipes" / "03_qlora.py"
     recipe = recipe_constants(script)
     usable = {gpu: profile["memory_gib"] - CUDA_RESERVE_GIB for gpu, profile in GPU_PROFILES.items()}
     # The same run as 16-bit LoRA does not fit an L4: why the notebook's 16-bit comparison runs only at tiny size.

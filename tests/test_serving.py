@@ -262,7 +262,7 @@ def test_include_usage_adds_a_final_usage_chunk(server):
 
 
 def test_prompt_tokens_are_what_the_chat_template_renders(server, loaded):
-    """Notebook 07: the prompt the server counts is the course's template rendered on the messages, a developer
+    """Notebook 10: the prompt the server counts is the course's template rendered on the messages, a developer
     message included (in front of the first question)."""
     from helpers.standin import CHAT_TEMPLATE
 

@@ -1,9 +1,9 @@
-# recipes/02_qlora.py: QLoRA fine-tuning of bloom-7b1 on multi-turn chats (4-bit NF4 base, LoRA adapters).
-# Run it on a GPU from the course folder: python recipes/02_qlora.py. Started again after an interruption, it resumes
+# recipes/03_qlora.py: QLoRA fine-tuning of bloom-7b1 on multi-turn chats (4-bit NF4 base, LoRA adapters).
+# Run it on a GPU from the course folder: python recipes/03_qlora.py. Started again after an interruption, it resumes
 # from its last complete checkpoint in OUTPUT_DIR. Needs one 24 GB GPU (L4, A10, RTX 3090/4090) or an A100; on a
-# 16 GB T4 set BATCH_SIZE = 1 and GRADIENT_ACCUMULATION = 16 (notebook 02's fit check predicts each GPU's peak).
+# 16 GB T4 set BATCH_SIZE = 1 and GRADIENT_ACCUMULATION = 16 (notebook 03's fit check predicts each GPU's peak).
 # Needs the Hub (bloom-7b1, and the chats: one 8.7 GB file, downloaded once) and torch, transformers 5, peft,
-# datasets, bitsandbytes, accelerate. Notebook 02 (notebooks/02_qlora.ipynb) teaches every line of it.
+# datasets, bitsandbytes, accelerate. Notebook 03 (notebooks/03_qlora_training.ipynb) teaches every line of it.
 import json
 import os
 import re

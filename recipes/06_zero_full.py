@@ -1,10 +1,10 @@
-# recipes/04_zero_full.py: full fine-tuning of BLOOM-7B1 on PromptCBLUE with DeepSpeed ZeRO-3 and the 🤗 Trainer.
-# Run from a terminal, one process per GPU:   deepspeed --num_gpus 4 recipes/04_zero_full.py
-# (torchrun --nproc_per_node 4 recipes/04_zero_full.py is the same). Needs: 4 GPUs of 40 GB (A100-40GB; the fit
-# check in notebook 04 predicts each profile), pip install deepspeed, and PromptCBLUE's train.json, which is not on
+# recipes/06_zero_full.py: full fine-tuning of BLOOM-7B1 on PromptCBLUE with DeepSpeed ZeRO-3 and the 🤗 Trainer.
+# Run from a terminal, one process per GPU:   deepspeed --num_gpus 4 recipes/06_zero_full.py
+# (torchrun --nproc_per_node 4 recipes/06_zero_full.py is the same). Needs: 4 GPUs of 40 GB (A100-40GB; the fit
+# check in notebook 05 predicts each profile), pip install deepspeed, and PromptCBLUE's train.json, which is not on
 # the Hugging Face Hub: download it by hand (https://github.com/michael-wzhu/PromptCBLUE) into DATA's folder.
 # ZeRO-3 shards the weights, gradients and Adam states over the GPUs: each holds 1/NUM_GPUS of them.
-# Taught in notebooks/04_deepspeed_zero.ipynb (theory: lessons/04_deepspeed_zero.md).
+# Taught in notebooks/05_deepspeed_zero.ipynb (theory: lessons/05_deepspeed_zero.md).
 import json
 import os
 import re
