@@ -5,7 +5,9 @@
 prediction of `helpers.memory.estimate_memory` can be checked against the real thing.
 `preferred_compute_dtype` picks bf16 only where the GPU computes it natively.
 
-Taught in notebooks/03_qlora_training.ipynb (NF4, double quantization, the fp16 pitfall of older GPUs).
+Taught in notebooks/03_qlora_training.ipynb (the bytes of a model loaded in 4 bits against the prediction from its
+configuration, the fp16 pitfall of older GPUs); NF4 and double quantization themselves are built from scratch in
+notebooks/02_nf4_quantization.ipynb.
 """
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ def test_bloom_weights_in_every_format():
 
 
 def test_quantized_bytes_of_one_matrix():
-    # 4096 x 4096 = 16,777,216 values: 8,388,608 bytes of 4-bit codes in 262,144 blocks of 64 (notebook 03 counts the
+    # 4096 x 4096 = 16,777,216 values: 8,388,608 bytes of 4-bit codes in 262,144 blocks of 64 (notebook 02 counts the
     # same bytes in the tensors bitsandbytes stores)
     assert quantized_bytes(4096, 4096, "nf4") == 8_388_608 + 4 * 262_144
     assert quantized_bytes(4096, 4096, "nf4-dq") == 8_388_608 + 262_144 + 4 * 1024 + 4
@@ -253,7 +253,7 @@ def test_recipe_constants_read_literals_and_tuples_only(tmp_path):
 
 # The figures notebook 12 prints, pinned here (they were asserts in the notebook, issue 18): a change to the memory
 # model that moves one of them fails this file, and lessons/12_speed_and_memory.md must be looked at again.
-NOTEBOOK_08_RECIPE = dict(weights="nf4-dq", method="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all",
+NOTEBOOK_12_RECIPE = dict(weights="nf4-dq", method="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all",
                           optimizer="paged-adamw-32bit", batch_size=4, seq_len=512, gradient_checkpointing=True,
                           compute_dtype="bf16", attention="eager")  # notebook 12's CONFIG["recipe"]
 
@@ -268,8 +268,8 @@ def test_notebook_12_full_fine_tuning_against_qlora_on_bloom_7b1():
 
 
 def test_notebook_12_checkpointing_leaves_the_logits():
-    plain = estimate_memory(BLOOM, **dict(NOTEBOOK_08_RECIPE, gradient_checkpointing=False)).gib("activations")
-    ckpt = estimate_memory(BLOOM, **NOTEBOOK_08_RECIPE).gib("activations")
+    plain = estimate_memory(BLOOM, **dict(NOTEBOOK_12_RECIPE, gradient_checkpointing=False)).gib("activations")
+    ckpt = estimate_memory(BLOOM, **NOTEBOOK_12_RECIPE).gib("activations")
     logits = 4 * 512 * 250880 * (2 + 8) / GIB  # 16-bit logits, the fp32 log-softmax and its fp32 gradient
     assert plain > 2.5 * ckpt  # what checkpointing saves (3.3x at 4 x 512 tokens)
     assert logits > 0.5 * ckpt  # the vocabulary dominates what is left (83%)

@@ -1,5 +1,6 @@
-"""helpers.quantization: measured bytes of 4-bit / int8 / float models, and the compute dtype choice; and what notebook
-03 relies on from bitsandbytes, transformers, peft and helpers.memory (the checks that guard it against their drift)."""
+"""helpers.quantization: measured bytes of 4-bit / int8 / float models, and the compute dtype choice; and what notebooks
+02 (NF4, double quantization, paged optimizers, the memory model) and 03 (QLoRA training, its recipe) rely on from
+bitsandbytes, transformers, peft and helpers.memory (the checks that guard them against their drift)."""
 import logging
 
 import pytest
@@ -154,10 +155,10 @@ def test_recipe_resumes_from_the_last_complete_checkpoint(tmp_path):
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
 
 
-# --- What notebook 03 relies on, moved from its cells (issue 18): the notebook shows these, the tests keep them -----
-# bitsandbytes' 4-bit and 8-bit storage, as notebook 03 rebuilds it (sections 1 and 2, exercise 1).
+# --- What notebooks 02 and 03 rely on, moved from their cells (issue 18): the notebooks show these, the tests keep them
+# bitsandbytes' 4-bit and 8-bit storage, as notebook 02 rebuilds it (sections 1 and 2, exercise 1).
 def _nearest_code(x, code, blocksize):
-    """Notebook 03's quantize_4bit_ours and pack: each block / its absmax -> nearest value, two codes a byte."""
+    """Notebook 02's quantize_4bit_ours and pack: each block / its absmax -> nearest value, two codes a byte."""
     sorted_code, order = code.sort()
     blocks = x.reshape(-1, blocksize).float()
     absmax = blocks.abs().amax(dim=1)
@@ -231,10 +232,10 @@ def test_paged_adamw_on_a_cpu_says_it_falls_back_and_is_adamw():
             paged.step()
             plain.step()
     assert (ours - reference).abs().max().item() < 1e-5
-    assert any("Falling back to non-paged" in str(w.message) for w in caught)  # lesson 03, section 4 quotes it
+    assert any("Falling back to non-paged" in str(w.message) for w in caught)  # lesson 02, section 4 quotes it
 
 
-# transformers and peft: what notebook 03's 4-bit model is made of (section 5, section 7, exercise 5).
+# transformers and peft: what notebook 03's 4-bit model is made of (section 1, section 3, exercise 3).
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_a_4bit_load_builds_what_its_configuration_asks(tiny_dir, quant_type, double_quant):
@@ -267,7 +268,7 @@ def test_prepare_model_for_kbit_training_keeps_what_is_not_4bit_in_fp32_and_froz
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
-# helpers.memory: the paper's figures notebook 03 reproduces (section 3), and its recipe's predictions (section 8).
+# helpers.memory: the paper's figures notebook 02 reproduces (section 3); notebook 03's recipe predictions (section 4).
 def test_guanaco_sizes_and_the_double_quantization_saving():
     from helpers.memory import GB, lora_parameters
 
@@ -316,7 +317,7 @@ def test_notebook_03_full_size_is_its_recipe():
     assert {ours: recipe[ours] for ours in names} == {ours: full[setting] for ours, setting in names.items()}
 
 
-def test_recipe_02_memory_predictions_the_notebook_prints():
+def test_recipe_03_memory_predictions_the_notebook_prints():
     from helpers.env import REPO_ROOT
     from helpers.memory import CUDA_RESERVE_GIB, GIB, GPU_PROFILES, recipe_constants, recipe_memory
 
