@@ -13,7 +13,7 @@ The modules form layers, read from the bottom up; a module imports only from mod
                  checks         lesson checks (strict only on the stand-in, so they ask models)
     training     checkpoints    complete-checkpoint markers
                  tuning         the Trainer recipe for every method, measured
-                 launching      running a script on several processes: launcher, environment, log (notebook 05)
+                 launching      running a script on several processes: launcher, environment, log (notebook 06)
                  run_cache      train once, reuse the saved run (notebooks 04 and 09)
                  export         merging and loading for inference
     generation   metrics        BLEU-4 / ROUGE on text (no model)

@@ -216,8 +216,8 @@ def build_deepspeed_cpu_op() -> str:
 
     On a machine without CUDA, DeepSpeed builds its shared-memory all-reduce (`ShareMemCommBuilder`) with
     g++ the first time a process group starts, about 40 s on 2 cores, and caches it in
-    ~/.cache/torch_extensions (or TORCH_EXTENSIONS_DIR). `make install` calls this, so that notebook 05
-    and its tests start without that wait. Returns what it did. Taught in notebooks/05_deepspeed_zero.ipynb.
+    ~/.cache/torch_extensions (or TORCH_EXTENSIONS_DIR). `make install` calls this, so that notebook 06
+    and its tests start without that wait. Returns what it did. Taught in notebooks/06_multi_gpu_training.ipynb.
     """
     import importlib.util
 
@@ -264,7 +264,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def repo_relative(path) -> Path:
     """`path` as a reader types it: relative to the repository root when it is inside it (commands run from there),
-    else as it is, so that COURSE_OUTPUTS may point anywhere. Taught in notebooks/05_deepspeed_zero.ipynb."""
+    else as it is, so that COURSE_OUTPUTS may point anywhere. Taught in notebooks/06_multi_gpu_training.ipynb."""
     path = Path(path)
     try:
         return path.resolve().relative_to(REPO_ROOT)

@@ -16,8 +16,9 @@ What each part of a training step keeps in memory, in bytes:
                with or without gradient checkpointing; the KV cache for inference
 ZeRO stages shard the optimizer states (1), the gradients (2) and the parameters (3) over devices.
 
-Taught in notebooks/03_qlora_training.ipynb (weights, quantization, LoRA, optimizer states; it writes
-`quantized_bytes` and `lora_parameters`), notebooks/05_deepspeed_zero.ipynb (`zero_model_states`) and
+Taught in notebooks/02_nf4_quantization.ipynb (weights, quantization, LoRA, optimizer states; it writes
+`count_parameters_from_config`, `quantized_bytes` and `lora_parameters`), notebooks/05_deepspeed_zero.ipynb (it
+writes `zero_model_states`) and
 notebooks/12_speed_and_memory.ipynb (activations: it writes `activation_elements_per_token`, adds the estimate up
 from the pieces and validates it against published measurements). A notebook cell that starts with
 `# saved in helpers/memory.py` holds the same code as the function here (tests/test_hygiene.py checks it): change
@@ -191,7 +192,7 @@ def count_parameters_from_config(config_or_name) -> dict:
     linear layers, what bitsandbytes quantizes), per_block_bias, norms (outside the blocks),
     quantizable (per_block_linear x layers), linear_layers (name, in, out, bias) of one block, and
     num_layers. bloom-7b1 gives 7,069,016,064 and pythia-70m 70,426,624.
-    Taught in notebooks/03_qlora_training.ipynb.
+    Taught in notebooks/02_nf4_quantization.ipynb.
     """
     a = architecture(config_or_name)
     h, L, V = a["hidden_size"], a["num_layers"], a["vocab_size"]
@@ -213,7 +214,7 @@ def count_parameters_from_config(config_or_name) -> dict:
 def quantized_bytes(n_in: int, n_out: int, weights: str) -> float:
     """Bytes of one quantized weight matrix (out x in), constants included: int8 (LLM.int8), int4 (ChatGLM's
     quantization_bit=4), nf4, nf4-dq (NF4 + double quantization). A 4096 x 4096 matrix in nf4-dq: 8,654,852 bytes.
-    Taught in notebooks/03_qlora_training.ipynb."""
+    Taught in notebooks/02_nf4_quantization.ipynb."""
     if weights not in ("int8", "int4", "nf4", "nf4-dq"):
         raise ValueError(f"weights must be one of ['int8', 'int4', 'nf4', 'nf4-dq'], got {weights!r}")
     n = n_in * n_out
@@ -233,7 +234,7 @@ def lora_parameters(config_or_name, r: int = 8, targets="all") -> int:
 
     targets: "all" (every linear layer of the blocks, the QLoRA recipe), "attention" (classic LoRA:
     the query/value or fused qkv projection, see helpers.models.LORA_TARGET_MODULES) or a list of
-    module names. Taught in notebooks/03_qlora_training.ipynb.
+    module names. Taught in notebooks/02_nf4_quantization.ipynb.
     """
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"lora_r must be a positive integer, got {r!r}")
@@ -434,7 +435,7 @@ def estimate_memory(model, *, weights: str = "fp16", method: str = "lora", lora_
       (`zero_model_states`), and stage 3 shards the frozen weights too.
     Trainable parameters are fp32 with fp32 gradients (PEFT's default), except full fine-tuning of
     16-bit weights, which is mixed precision: 16-bit weights and gradients + an fp32 master copy.
-    Taught in notebooks/03_qlora_training.ipynb and notebooks/12_speed_and_memory.ipynb.
+    Taught in notebooks/02_nf4_quantization.ipynb and notebooks/12_speed_and_memory.ipynb.
     """
     _check("weights", weights, WEIGHT_FORMATS)
     _check("method", method, METHODS)
@@ -630,21 +631,21 @@ def _recipe_kwargs(stem: str, c: dict, dtype: str, path) -> dict:
     lora = dict(lora_r=c.get("LORA_R", 8), lora_dropout=c.get("LORA_DROPOUT", 0.0))
     if stem.startswith("01_"):    # LoRA over 16-bit weights
         return dict(model=model, weights=dtype, method="lora", **lora, **common)
-    if stem.startswith("02_"):    # QLoRA: NF4 + double quantization, paged AdamW
+    if stem.startswith("03_"):    # QLoRA: NF4 + double quantization, paged AdamW
         return dict(model=model, weights="nf4-dq", method="qlora", **lora,
                     optimizer="paged-adamw-32bit", **common)
-    if stem.startswith("03_"):    # P-Tuning v2 or LoRA on a GLM model
+    if stem.startswith("04_"):    # P-Tuning v2 or LoRA on a GLM model
         if c.get("METHOD", "p-tuning-v2") == "lora":
             return dict(model=model, weights=dtype, method="lora", **lora, **common)
         return dict(model=model, weights=dtype, method="ptuning-v2", pre_seq_len=c["PRE_SEQ_LEN"],
                     prefix_projection=c.get("PREFIX_PROJECTION", False), **common)
-    if stem.startswith("04_"):    # DeepSpeed ZeRO over NUM_GPUS, full fine-tuning or LoRA
+    if stem.startswith("06_"):    # DeepSpeed ZeRO over NUM_GPUS, full fine-tuning or LoRA
         stage, gpus = _need(c, path, "ZERO_STAGE", "NUM_GPUS")
         if c.get("USE_LORA", False):
             return dict(model=model, weights=dtype, method="lora", **lora, zero_stage=stage,
                         num_devices=gpus, **common)
         return dict(model=model, weights=dtype, method="full", zero_stage=stage, num_devices=gpus, **common)
-    if stem.startswith("05_"):    # DPO with LoRA: chosen and rejected go through the model together
+    if stem.startswith("08_"):    # DPO with LoRA: chosen and rejected go through the model together
         return dict(model=model, weights=dtype, method="lora", **lora,
                     **(common | {"batch_size": 2 * batch}))
     raise ValueError(f"{path}: no memory model for this recipe; add its entry to helpers.memory._recipe_kwargs")

@@ -115,7 +115,7 @@ def heading(ax, height, title: str, caption: str, width: int):
 # The numbers the pictures show
 # ---------------------------------------------------------------------------------------------
 
-NF4_OFFSET = 0.9677083  # bitsandbytes' create_normal_map: the outermost quantile used (lesson 03, section 1)
+NF4_OFFSET = 0.9677083  # bitsandbytes' create_normal_map: the outermost quantile used (lesson 02, section 1)
 
 
 def _quantile_probabilities(n: int) -> list[float]:
@@ -189,12 +189,16 @@ def first_fit(lengths: list[int], block: int) -> list[list[int]]:
 COURSE = [
     ("00", "Setup and tour", "environment, base model, tokenizer, data, loss mask", "start"),
     ("01", "LoRA basics", "LoRA from scratch = peft; r, α, targets; Trainer", "peft"),
-    ("03", "QLoRA", "NF4, double quantization, paged optimizers", "peft"),
+    ("02", "NF4 and double quantization", "NF4 and double quantization = bitsandbytes; memory from a config", "peft"),
+    ("03", "QLoRA training", "4-bit base + LoRA on chats; paged AdamW; the 7B recipe", "peft"),
     ("04", "P-Tuning v2 and the methods table", "prefixes; LoRA vs P-Tuning vs Freeze vs full", "peft"),
-    ("05", "DeepSpeed ZeRO and multi-GPU training", "ZeRO stages 0–3, offload, 2-process runs", "scale"),
-    ("07", "RLHF: reward model, PPO, DPO, GRPO", "PPO written out; DPO, GRPO on the same prompts", "align"),
+    ("05", "DeepSpeed ZeRO", "what each GPU keeps in stages 0–3; the config", "scale"),
+    ("06", "Multi-GPU training", "2-process runs, checkpoints, launchers", "scale"),
+    ("07", "RLHF: reward model and PPO", "a reward model; PPO written out", "align"),
+    ("08", "DPO and GRPO", "preference tuning without PPO; three methods compared", "align"),
     ("09", "Evaluation", "BLEU-4, Chinese ROUGE, accuracy, perplexity", "use"),
-    ("10", "Export, chat and an OpenAI-compatible API", "merge, safetensors, chat, a server", "use"),
+    ("10", "Merge and export", "merged safetensors, 4-bit bases, LoftQ, TIES/DARE", "use"),
+    ("11", "Chat and API", "chat templates, a chat box, an OpenAI-compatible server", "use"),
     ("12", "Speed and memory", "memory model, tokens/s, padding vs packing", "scale"),
 ]
 PARTS = {"start": ("getting started", YELLOW, "#B8A800"), "peft": ("parameter-efficient tuning", SKY, SKY),
@@ -203,13 +207,15 @@ PARTS = {"start": ("getting started", YELLOW, "#B8A800"), "peft": ("parameter-ef
 
 
 def course_map():
-    width, height = 1200, 610
+    w, h, margin, gap_y = 356, 118, 30, 48
+    rows = -(-len(COURSE) // 3)
+    width, height = 1200, 62 + rows * (h + gap_y) + 66
     fig, ax = canvas(width, height)
-    heading(ax, height, "The course map: nine notebooks, in order",
+    heading(ax, height, f"The course map: {len(COURSE)} notebooks, in order",
             "Each box is notebooks/NN_*.ipynb with its theory in lessons/NN_*.md; the colour is the part of the "
             "course it belongs to. Drawn by img/diagrams.py.", width)
-    w, h, margin, top = 356, 118, 30, height - 62
-    gap_x, gap_y = (width - 2 * margin - 3 * w) / 2, 48
+    top = height - 62
+    gap_x = (width - 2 * margin - 3 * w) / 2
     corners = []
     for i, (number, name, topic, part) in enumerate(COURSE):
         row, col = divmod(i, 3)

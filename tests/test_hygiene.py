@@ -347,10 +347,13 @@ def test_the_saved_code_check_sees_a_change():
 
 def test_memory_model_is_written_in_the_notebooks():
     """The memory model's formulas are written where they are taught, in cells saved to helpers/memory.py, not
-    imported as a black box: notebook 03 the bytes of a quantized matrix and LoRA's parameters, notebook 12 the
-    activations a block keeps per token."""
+    imported as a black box: notebook 02 a model's parameters from its configuration, the bytes of a quantized matrix
+    and LoRA's parameters, notebook 05 what each ZeRO stage keeps per GPU, notebook 12 the activations a block keeps
+    per token."""
     written = {node.name: path.name for path, _, module, nodes in _saved_cells() if module == "helpers/memory.py"
                for node in nodes}
-    taught = {"quantized_bytes": "03_qlora_training.ipynb", "lora_parameters": "03_qlora_training.ipynb",
+    taught = {"count_parameters_from_config": "02_nf4_quantization.ipynb",
+              "quantized_bytes": "02_nf4_quantization.ipynb", "lora_parameters": "02_nf4_quantization.ipynb",
+              "zero_model_states": "05_deepspeed_zero.ipynb",
               "activation_elements_per_token": "12_speed_and_memory.ipynb"}
     assert {name: written.get(name) for name in taught} == taught

@@ -35,7 +35,8 @@ COMMIT = "0" * 40  # the snapshot's name in the cache; any hash-like name works 
 # training step takes ~8 s on 2 CPU cores (FACTS.md), and the lane must fit the test run.
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 LANE_STEPS = 10
-NOTEBOOKS = ["00_setup_and_tour", "01_lora_basics", "03_qlora_training", "04_ptuning_and_methods"]
+NOTEBOOKS = ["00_setup_and_tour", "01_lora_basics", "02_nf4_quantization", "03_qlora_training",
+             "04_ptuning_and_methods"]
 
 
 def build_pythia_cache(hf_home: Path) -> Path:
