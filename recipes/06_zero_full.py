@@ -1,10 +1,11 @@
 # recipes/06_zero_full.py: full fine-tuning of BLOOM-7B1 on PromptCBLUE with DeepSpeed ZeRO-3 and the 🤗 Trainer.
 # Run from a terminal, one process per GPU:   deepspeed --num_gpus 4 recipes/06_zero_full.py
 # (torchrun --nproc_per_node 4 recipes/06_zero_full.py is the same). Needs: 4 GPUs of 40 GB (A100-40GB; the fit
-# check in notebook 05 predicts each profile), pip install deepspeed, and PromptCBLUE's train.json, which is not on
+# check in notebook 06 predicts each profile), pip install deepspeed, and PromptCBLUE's train.json, which is not on
 # the Hugging Face Hub: download it by hand (https://github.com/michael-wzhu/PromptCBLUE) into DATA's folder.
 # ZeRO-3 shards the weights, gradients and Adam states over the GPUs: each holds 1/NUM_GPUS of them.
-# Taught in notebooks/05_deepspeed_zero.ipynb (theory: lessons/05_deepspeed_zero.md).
+# Taught in notebooks/06_multi_gpu_training.ipynb (theory: lessons/06_multi_gpu_training.md);
+# what ZeRO-3 keeps on each GPU: notebooks/05_deepspeed_zero.ipynb.
 import json
 import os
 import re

@@ -1,6 +1,7 @@
 """DeepSpeed configs, the training script's arguments, and the ZeRO formulas against DeepSpeed's estimator and a run.
 
-Taught in notebooks/05_deepspeed_zero.ipynb. Every config in configs/deepspeed/ goes through DeepSpeed's own
+Taught in notebooks/05_deepspeed_zero.ipynb (the formulas, the configs) and notebooks/06_multi_gpu_training.ipynb (the
+script, the launches). Every config in configs/deepspeed/ goes through DeepSpeed's own
 parser after the 🤗 Trainer has filled its "auto" values, exactly as a launch would. Full fine-tuning
 (`--use_lora false`) runs under ZeRO-2 and ZeRO-3 on 2 CPU processes (about half a minute), and the bytes each
 process held are checked against `helpers.memory.zero_model_states`.
@@ -161,7 +162,7 @@ def test_deepspeed_counts_a_live_model_as_the_course_counts_its_config():
     assert largest == 512 * 64  # an embedding (input or output): the largest layer
 
 
-# --- helpers.launching: what notebook 05's launches go through ----------------------------------------------
+# --- helpers.launching: what notebook 06's launches go through ----------------------------------------------
 def test_launch_env_gives_each_process_its_share_of_the_cores(monkeypatch):
     import torch
 
@@ -281,7 +282,7 @@ def test_engine_names_what_runs_the_loop(script, name, world_size, engine):
     assert script.engine(str(CONFIG_DIR / name) if name else None, world_size) == engine
 
 
-# --- full fine-tuning on two CPU processes: what each rank holds, against the formula --------------------
+# --- full fine-tuning on two CPU processes (notebook 06): what each rank holds, against the formula -------
 STANDIN = REPO_ROOT / "models" / "tiny-neox-standin"  # the course's 2.2M-parameter GPT-NeoX, in the repository
 
 
