@@ -254,7 +254,7 @@ if __name__ == "__main__":
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now (the OS picks it): for a launcher's rendezvous
-    (notebooks/05_deepspeed_zero.ipynb) or a server (notebooks/10_merge_and_export.ipynb)."""
+    (notebooks/06_multi_gpu_training.ipynb) or a server (notebooks/11_chat_and_api.ipynb)."""
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:

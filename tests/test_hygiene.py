@@ -18,7 +18,7 @@ NOTEBOOKS_BY_NAME = {path.name: path for path in NOTEBOOKS}
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 REPOSITORY = PYPROJECT["urls"]["Repository"]
 # What each notebook's setup cell installs on Colab beyond the course itself (pyproject's optional parts).
-COLAB_EXTRAS = {"05_deepspeed_zero.ipynb": "[deepspeed]"}
+COLAB_EXTRAS = {"05_deepspeed_zero.ipynb": "[deepspeed]", "06_multi_gpu_training.ipynb": "[deepspeed]"}
 # Notebooks whose full-size run needs a GPU (README's table): Colab opens them on a GPU runtime. T4 is the GPU
 # every Colab user can get; the notebook names the larger GPU its full-size recipe wants.
 COLAB_GPU = {"03_qlora_training.ipynb"}
