@@ -20,10 +20,20 @@ them. The plumbing (sampling, padding, the value head) is only here. One PPO ite
 Per-token tensors have shape (batch, response_length) and are aligned with the response tokens: entry
 [b, t] belongs to response token t, predicted from everything before it. The formulas are in
 lessons/07_rlhf.md. Taught in notebooks/07_rlhf.ipynb.
+
+notebooks/08_dpo_and_grpo.ipynb starts where notebook 07 ended: `save_rlhf_start` keeps 07's SFT model,
+reward model and PPO policy with the settings that made them, and `rlhf_start` gives them to notebook 08,
+loaded when notebook 07 saved them with the same settings, else trained again by `train_rlhf_start` with
+07's code (stages 1 to 3 as its cells run them).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -422,3 +432,208 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts: list[str], reward_fn,
     return {"mean_score": scores_t.mean().item(), "mean_kl": kls_t.mean().item(), "responses": texts,
             "scores": scores_t.tolist()}
 
+
+
+# --- notebook 08 starts where notebook 07 ended --------------------------------------------------
+# The configuration keys of notebook 07 that shape its SFT model, reward model and PPO policy. Evaluation
+# settings (eval_every, eval_prompts) are not among them: they measure the models without changing them.
+START_KEYS = ("model_name", "dataset", "dev_ratio", "max_new_tokens", "lora_r", "lora_alpha", "sft_method",
+              "sft_steps", "sft_learning_rate", "rm_steps", "rm_batch_size", "rm_learning_rate", "ppo_iterations",
+              "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_learning_rate", "kl_coef", "seed")
+START_FILE = "rlhf_start.json"  # written last by save_rlhf_start: a folder without it is not a complete start
+
+
+@dataclass
+class RLHFStart:
+    """What notebook 08 starts from: notebook 07's three models, and where they came from."""
+
+    tokenizer: object
+    sft_model: object             # stage 1, merged: where DPO and GRPO start
+    reference: object             # a frozen copy of it: the KL anchor of every method
+    reward_model: object          # stage 2, a peft sequence classifier
+    ppo_model: object             # stage 3, the PPO policy without its value head (a peft causal LM)
+    sft_dir: Path                 # the SFT model and its tokenizer, saved
+    times: dict = field(default_factory=dict)  # seconds per stage: "SFT", "reward model", "PPO"
+    source: str = ""              # "loaded from ..." or "trained here"
+
+
+def start_settings(config: dict, train) -> dict:
+    """The settings that shape notebook 07's three models: its START_KEYS, the base model that loads for
+    `config["model_name"]` (the stand-in's files hashed) and the training rows, hashed.
+
+    Two runs with equal settings train the same models. Taught in notebooks/07_rlhf.ipynb (its last section).
+    """
+    from .models import resolve_model
+
+    missing = [key for key in START_KEYS if key not in config]
+    if missing:
+        raise KeyError(f"the configuration lacks {missing}: notebook 07's stages 1-3 need every key of START_KEYS")
+    choice = resolve_model(config["model_name"])
+    model = {"path": "stand-in" if choice.standin else str(choice.path), "standin": choice.standin}
+    folder = Path(choice.path)
+    if folder.is_dir():  # a local folder (the stand-in): its content identifies it, not where it lies
+        model["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(folder.iterdir())
+                          if p.suffix in (".json", ".safetensors") and p.is_file()}
+    rows = json.dumps(train.to_list(), ensure_ascii=False, sort_keys=True).encode()
+    return {**{key: config[key] for key in START_KEYS}, "model": model,
+            "train_rows": hashlib.sha256(rows).hexdigest()[:16]}
+
+
+def save_rlhf_start(folder, config: dict, train, *, reward_model, ppo_model, times: dict) -> Path:
+    """Save notebook 07's reward model and PPO policy (LoRA adapters) beside its SFT model (`folder/sft_merged`,
+    saved in stage 1), then `rlhf_start.json` with the settings that made them, last.
+
+    `ppo_model` is the policy without its value head (`policy.model`). Returns the manifest's path.
+    Taught in notebooks/07_rlhf.ipynb.
+    """
+    folder = Path(folder)
+    if not (folder / "sft_merged" / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'sft_merged'} holds no saved SFT model: stage 1 saves it there first")
+    reward_model.save_pretrained(str(folder / "reward_model_adapter"))  # LoRA and the score head
+    ppo_model.save_pretrained(str(folder / "ppo_adapter"))
+    manifest = folder / START_FILE
+    manifest.write_text(json.dumps({"settings": start_settings(config, train), "times": times}, indent=1,
+                                   ensure_ascii=False) + "\n")
+    return manifest
+
+
+def _settings_differ(saved: dict, wanted: dict) -> list[str]:
+    return [f"{key} {saved.get(key)!r} there, {wanted[key]!r} here" for key in wanted if saved.get(key) != wanted[key]]
+
+
+def load_rlhf_start(folder, config: dict, train) -> RLHFStart:
+    """The three models `save_rlhf_start` saved in `folder`, if they were trained with `config`'s settings.
+
+    Raises FileNotFoundError when the folder holds no complete start, ValueError naming the settings that
+    differ. Taught in notebooks/07_rlhf.ipynb; notebooks/08_dpo_and_grpo.ipynb loads its start with it.
+    """
+    from peft import PeftModel
+
+    from .env import repo_relative
+    from .models import load_model, load_tokenizer
+
+    folder = Path(folder)
+    if not (folder / START_FILE).is_file():
+        raise FileNotFoundError(f"{repo_relative(folder)} holds no {START_FILE}: notebook 07 has not finished a "
+                                "run there")
+    saved = json.loads((folder / START_FILE).read_text())
+    differ = _settings_differ(saved["settings"], start_settings(config, train))
+    if differ:
+        raise ValueError(f"{repo_relative(folder)} was trained with other settings: " + "; ".join(differ))
+    tokenizer = load_tokenizer(config["model_name"])
+    sft_model = load_model(str(folder / "sft_merged"), verbose=False).eval()
+    reference = copy.deepcopy(sft_model).requires_grad_(False)
+    rm_base = load_model(str(folder / "sft_merged"), head="sequence-classification", num_labels=1, verbose=False)
+    reward_model = PeftModel.from_pretrained(rm_base, str(folder / "reward_model_adapter")).eval()
+    ppo_model = PeftModel.from_pretrained(copy.deepcopy(sft_model), str(folder / "ppo_adapter")).eval()
+    return RLHFStart(tokenizer, sft_model, reference, reward_model, ppo_model, folder / "sft_merged",
+                     saved["times"], f"loaded from {repo_relative(folder)}")
+
+
+def train_ppo_policy(sft_model, reference, tokenizer, prompts: list[str], reward_fn, config: PPOConfig,
+                     iterations: int, *, lora_r: int, lora_alpha: int, seed: int):
+    """Stage 3 of notebooks/07_rlhf.ipynb, as its cells run it, without the held-out evaluations.
+
+    A fresh LoRA adapter (no dropout) on a copy of the SFT model plus a value head, AdamW with a cosine
+    schedule (2 warm-up iterations), the prompts in one seeded order, `iterations` calls of `ppo_step`.
+    Returns (policy, history: one statistics dict per iteration). The same code as the notebook's cells: change
+    both. Taught in notebooks/07_rlhf.ipynb.
+    """
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from .models import lora_target_modules
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    transformers.set_seed(seed)
+    ppo_lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                          target_modules=lora_target_modules(sft_model, "all"))
+    policy = PolicyWithValueHead(get_peft_model(copy.deepcopy(sft_model), ppo_lora)).to(device)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=0.0)
+    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, 2, iterations)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+    transformers.set_seed(seed)
+    history = []
+    for iteration in range(1, iterations + 1):
+        start = (iteration - 1) * config.batch_size % len(order)
+        batch = [prompts[i] for i in (order + order)[start:start + config.batch_size]]
+        stats = ppo_step(policy, reference, tokenizer, batch, reward_fn, optimizer, config, generator)
+        scheduler.step()
+        history.append({"iteration": iteration, **stats})
+    return policy, history
+
+
+def train_rlhf_start(config: dict, train, out) -> RLHFStart:
+    """Notebook 07's stages 1 to 3 with its code, written into `out` as notebook 07 writes them.
+
+    1. SFT on the chosen replies (`helpers.tuning.finetune`), merged into one plain model, saved in
+       `out/sft_merged`; a frozen copy is the reference. 2. The reward model (`helpers.rewards.train_reward_model`).
+    3. PPO against it (`train_ppo_policy`). Then `save_rlhf_start(out, ...)`, so the run can be loaded again.
+    `config` holds notebook 07's START_KEYS; `train` is its training split. On a CPU the models equal notebook
+    07's, weight for weight, when the settings are equal. Taught in notebooks/07_rlhf.ipynb.
+    """
+    from .models import load_tokenizer
+    from .prompts import tokenize_dataset
+    from .rewards import score_with_reward_model, train_reward_model
+    from .tuning import finetune
+
+    out = Path(out)
+    times = {}
+    tokenizer = load_tokenizer(config["model_name"])
+    print("stage 1, SFT on the chosen replies:")
+    sft_tokens = tokenize_dataset(train, tokenizer, "preference", max_source_length=64,
+                                  max_target_length=config["max_new_tokens"])
+    sft = finetune(config["sft_method"], sft_tokens, output_dir=out / "sft", model_name=config["model_name"],
+                   max_steps=config["sft_steps"], learning_rate=config["sft_learning_rate"], seed=config["seed"],
+                   announce=True)
+    times["SFT"] = sft.seconds
+    sft_model = sft.model.merge_and_unload() if hasattr(sft.model, "merge_and_unload") else sft.model
+    sft_model = sft_model.eval()
+    sft_model.save_pretrained(out / "sft_merged")
+    tokenizer.save_pretrained(out / "sft_merged")
+    reference = copy.deepcopy(sft_model).requires_grad_(False)
+    print(f"  {sft.steps} steps in {sft.seconds:.1f} s; stage 2, the reward model ...")
+    reward_model, times["reward model"] = train_reward_model(
+        out / "sft_merged", tokenizer, train, output_dir=out / "reward_model", max_steps=config["rm_steps"],
+        batch_size=config["rm_batch_size"], learning_rate=config["rm_learning_rate"], lora_r=config["lora_r"],
+        lora_alpha=config["lora_alpha"], seed=config["seed"])
+    print(f"  {config['rm_steps']} steps in {times['reward model']:.1f} s; stage 3, PPO ...")
+
+    def reward_fn(prompts, replies):
+        return score_with_reward_model(reward_model, tokenizer, prompts, replies)
+
+    ppo_config = PPOConfig(batch_size=config["ppo_batch_size"], minibatch_size=config["ppo_minibatch_size"],
+                           ppo_epochs=config["ppo_epochs"], learning_rate=config["ppo_learning_rate"],
+                           kl_coef=config["kl_coef"], max_new_tokens=config["max_new_tokens"])
+    started = time.perf_counter()
+    policy, _ = train_ppo_policy(sft_model, reference, tokenizer, train["prompt"], reward_fn, ppo_config,
+                                 config["ppo_iterations"], lora_r=config["lora_r"], lora_alpha=config["lora_alpha"],
+                                 seed=config["seed"])
+    times["PPO"] = time.perf_counter() - started
+    print(f"  {config['ppo_iterations']} iterations in {times['PPO']:.1f} s")
+    ppo_model = policy.model.eval()
+    save_rlhf_start(out, config, train, reward_model=reward_model, ppo_model=ppo_model, times=times)
+    return RLHFStart(tokenizer, sft_model, reference, reward_model, ppo_model, out / "sft_merged", times,
+                     "trained here")
+
+
+def rlhf_start(config: dict, train, out, saved=None) -> RLHFStart:
+    """Notebook 07's SFT model, reward model and PPO policy for notebook 08: loaded from `saved` (default
+    outputs/07_rlhf/) when notebook 07 finished a run there with the same settings (`start_settings`), else
+    trained into `out` with notebook 07's code (`train_rlhf_start`). Says which, and why.
+
+    Taught in notebooks/07_rlhf.ipynb; used by notebooks/08_dpo_and_grpo.ipynb.
+    """
+    from .env import OUTPUT_ROOT
+
+    saved = Path(saved) if saved is not None else OUTPUT_ROOT / "07_rlhf"
+    try:
+        start = load_rlhf_start(saved, config, train)
+    except (FileNotFoundError, ValueError) as why:
+        print(f"Not reusing notebook 07's models: {why}.\nTraining them here with notebook 07's code "
+              "(its stages 1-3; run notebook 07 first to skip this):")
+        return train_rlhf_start(config, train, out)
+    print(f"Notebook 07's SFT model, reward model and PPO policy, {start.source} (trained with these settings).")
+    return start

@@ -1,15 +1,15 @@
 """Rewards for RLHF: a verifiable reward (is the gold answer there?) and reward-model scores.
 
-Two kinds of reward drive notebooks/07_rlhf.ipynb:
+Two kinds of reward drive notebooks/07_rlhf.ipynb and notebooks/08_dpo_and_grpo.ipynb:
 
 - a *learned* reward: a sequence-classification model trained on preference pairs (Bradley–Terry),
-  read with `score_with_reward_model` exactly as TRL's `RewardTrainer` fed it during training
-  (prompt + response + EOS, one score at the last token);
+  trained as notebook 07's stage 2 does it (`train_reward_model`) and read with `score_with_reward_model`
+  exactly as TRL's `RewardTrainer` fed it during training (prompt + response + EOS, one score at the last token);
 - a *verifiable* reward: `is_correct` checks the gold `answer` of the course's tasks (arithmetic,
-  ordering numbers, translation, which department) by a rule, so GRPO can train without any reward
-  model and every method can be scored for task correctness.
+  ordering numbers, translation, which department) by a rule, so GRPO (notebook 08) can train without any
+  reward model and every method can be scored for task correctness.
 
-Taught in notebooks/07_rlhf.ipynb; the theory is in lessons/07_rlhf.md.
+Taught in notebooks/07_rlhf.ipynb; the theory is in lessons/07_rlhf.md and lessons/08_dpo_and_grpo.md.
 """
 from __future__ import annotations
 
@@ -170,3 +170,42 @@ def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
         raise ValueError("no pairs to score")
     wins = sum(float(c) > float(r) for c, r in zip(chosen_scores, rejected_scores))
     return 100.0 * wins / len(chosen_scores)
+
+
+def train_reward_model(sft_dir, tokenizer, pairs, *, output_dir, max_steps: int, batch_size: int,
+                       learning_rate: float, lora_r: int, lora_alpha: int, seed: int):
+    """Stage 2 of notebooks/07_rlhf.ipynb, as its cell runs it: a reward model trained on preference pairs.
+
+    The SFT model in `sft_dir` with a new one-output score head (`head="sequence-classification"`), LoRA on
+    every linear layer (`task_type="SEQ_CLS"` also trains the score head), TRL's `RewardTrainer` (Bradley–Terry
+    loss) on `pairs`' prompt, chosen and rejected columns; bf16 only on a GPU that computes it natively.
+    Returns (reward_model in eval mode, a peft model; seconds spent training). The same code as the notebook's
+    cell: change both. Taught in notebooks/07_rlhf.ipynb; notebooks/08_dpo_and_grpo.ipynb trains it with this
+    when notebook 07's saved one is not there.
+    """
+    import time
+
+    import torch
+    import transformers
+    from peft import LoraConfig
+    from trl import RewardConfig, RewardTrainer
+
+    from .env import bf16_supported
+    from .models import load_model, lora_target_modules
+
+    use_bf16 = torch.cuda.is_available() and bf16_supported()  # compute capability >= 8.0 (not a T4)
+    transformers.set_seed(seed)
+    rm_base = load_model(str(sft_dir), head="sequence-classification", num_labels=1, verbose=False)
+    rm_lora = LoraConfig(task_type="SEQ_CLS", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                         target_modules=lora_target_modules(rm_base, "all"))
+    rm_args = RewardConfig(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
+        max_length=128, bf16=use_bf16, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=seed)
+    rm_trainer = RewardTrainer(model=rm_base, args=rm_args, processing_class=tokenizer, peft_config=rm_lora,
+                               train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]))
+    rm_trainer.remove_callback(transformers.PrinterCallback)
+    started = time.perf_counter()
+    rm_trainer.train()
+    return rm_trainer.model.eval(), time.perf_counter() - started

@@ -1,4 +1,5 @@
-"""helpers.ppo: every piece of notebook 07's PPO on small hand-computable cases, then a tiny end-to-end run."""
+"""helpers.ppo: every piece of notebook 07's PPO on small hand-computable cases, then a tiny end-to-end run; and how
+notebook 08 gets notebook 07's models (loaded when saved with the same settings, else trained with 07's code)."""
 import copy
 import math
 
@@ -190,7 +191,7 @@ def test_rollout_logprobs_match_what_generate_sampled_from(tiny):
 
 
 def test_evaluate_policy_puts_a_model_at_kl_zero_from_its_frozen_copy(tiny):
-    """Notebook 07's comparison table: the SFT model, scored against the reference (a frozen copy of it), is at KL 0."""
+    """Notebook 08's comparison table: the SFT model, scored against the reference (a frozen copy of it), is at KL 0."""
     tokenizer, model = tiny
     reference = copy.deepcopy(model).requires_grad_(False)
     result = evaluate_policy(model, reference, tokenizer, ["a b", "c", "d d", "b c a"], lambda p, t: [0.0] * len(t),
@@ -223,3 +224,78 @@ def test_ppo_raises_the_reward_on_a_tiny_model(tiny):
     assert after["mean_kl"] > 0.1
     with pytest.raises(ValueError, match="batch_size is 8"):
         ppo_step(policy, reference, tokenizer, prompts[:3], reward_fn, optimizer, config)
+
+
+# --- notebook 08's start: notebook 07's three models, loaded or trained again ------------------------
+def test_notebook_08_trains_notebook_07s_models_when_none_are_saved_and_loads_them_when_they_are(tmp_path):
+    """Both paths of `rlhf_start`, on the course's stand-in and data at a few steps: with no saved run of notebook 07 it
+    trains stages 1-3 with 07's code and saves them as notebook 07 does; given that folder, it loads the same models."""
+    from helpers.data import load_dataset
+    from helpers.models import DEFAULT_MODEL
+    from helpers.ppo import START_FILE, load_rlhf_start, rlhf_start
+    from helpers.rewards import score_with_reward_model
+
+    config = {"model_name": DEFAULT_MODEL, "dataset": "preference_pairs", "dev_ratio": 0.2, "max_new_tokens": 8,
+              "lora_r": 4, "lora_alpha": 8, "sft_method": "full", "sft_steps": 2, "sft_learning_rate": 1e-3,
+              "rm_steps": 2, "rm_batch_size": 4, "rm_learning_rate": 1e-3, "ppo_iterations": 2, "ppo_batch_size": 4,
+              "ppo_minibatch_size": 2, "ppo_epochs": 1, "ppo_learning_rate": 1e-2, "kl_coef": 0.2, "seed": 0}
+    train = load_dataset("preference_pairs", dev_ratio=0.2, seed=0)["train"].select(range(16))
+    trained = rlhf_start(config, train, out=tmp_path / "08", saved=tmp_path / "no-run-of-07")
+    assert trained.source == "trained here" and (tmp_path / "08" / START_FILE).is_file()
+    assert set(trained.times) == {"SFT", "reward model", "PPO"}
+
+    loaded = rlhf_start(config, train, out=tmp_path / "unused", saved=tmp_path / "08")
+    assert loaded.source == f"loaded from {tmp_path / '08'}" and not (tmp_path / "unused").exists()
+    assert loaded.times == trained.times
+    prompts, replies = train["prompt"][:3], train["chosen"][:3]
+    torch.testing.assert_close(score_with_reward_model(loaded.reward_model, loaded.tokenizer, prompts, replies),
+                               score_with_reward_model(trained.reward_model, trained.tokenizer, prompts, replies))
+    batch = trained.tokenizer(prompts[0], return_tensors="pt")
+    with torch.no_grad():
+        for ours, theirs in ((loaded.sft_model, trained.sft_model), (loaded.ppo_model, trained.ppo_model),
+                             (loaded.reference, trained.sft_model)):
+            torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits)
+        # PPO moved the policy (in its second iteration: the cosine schedule's warm-up starts at a learning rate of 0)
+        assert not torch.equal(trained.ppo_model(**batch).logits, trained.sft_model(**batch).logits)
+
+    with pytest.raises(ValueError, match="kl_coef 0.2 there, 0.5 here"):
+        load_rlhf_start(tmp_path / "08", {**config, "kl_coef": 0.5}, train)
+    with pytest.raises(ValueError, match="train_rows"):
+        load_rlhf_start(tmp_path / "08", config, train.select(range(8)))
+    with pytest.raises(KeyError, match="sft_steps"):
+        load_rlhf_start(tmp_path / "08", {k: v for k, v in config.items() if k != "sft_steps"}, train)
+
+
+def test_the_code_that_trains_notebook_08s_start_keeps_notebook_07s_settings():
+    """`train_rlhf_start` repeats notebook 07's stages 1-3 in helpers/ (so notebook 08 can run alone); a library call
+    there must take the same keywords as in notebook 07's cells, with the same values where they are literals."""
+    import ast
+    import inspect
+    import json
+
+    from helpers.env import REPO_ROOT
+    from helpers.ppo import train_ppo_policy, train_rlhf_start
+    from helpers.rewards import train_reward_model
+
+    cells = json.loads((REPO_ROOT / "notebooks" / "07_rlhf.ipynb").read_text(encoding="utf-8"))["cells"]
+    taught = cells[:[i for i, c in enumerate(cells) if "".join(c["source"]).startswith("### Solutions")][0]]
+    notebook = ast.parse("\n".join("".join(c["source"]) for c in taught if c["cell_type"] == "code"))
+    helpers = ast.parse("\n".join(inspect.getsource(f) for f in (train_rlhf_start, train_reward_model, train_ppo_policy)))
+
+    def literal(node):
+        return ast.literal_eval(node) if isinstance(node, ast.Constant) else "<expression>"
+
+    def calls(tree):
+        found = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)):
+                name = node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+                found.setdefault(name, []).append(
+                    [literal(a) for a in node.args] + [{k.arg: literal(k.value) for k in node.keywords}])
+        return found
+
+    ours, theirs = calls(helpers), calls(notebook)
+    for name in ("finetune", "tokenize_dataset", "RewardConfig", "RewardTrainer", "LoraConfig", "PPOConfig",
+                 "load_model", "get_peft_model", "get_cosine_schedule_with_warmup", "AdamW"):
+        for call in ours[name]:
+            assert call in theirs[name], f"{name}({call}) is not how notebook 07 calls it: {theirs[name]}"

@@ -1,4 +1,4 @@
-"""helpers.rewards: the verifiable reward of notebook 07 and reading a reward model."""
+"""helpers.rewards: the verifiable reward of notebooks 07 and 08 and reading a reward model (training one: test_ppo)."""
 import pytest
 import torch
 
