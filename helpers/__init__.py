@@ -18,8 +18,8 @@ The modules form layers, read from the bottom up; a module imports only from mod
                  export         merging and loading for inference
     generation   metrics        BLEU-4 / ROUGE on text (no model)
                  generation     batched generation, the predictions file, accuracy, perplexity
-                 rewards        reward functions and the reward model
-                 ppo            PPO's pieces
+                 rewards        reward functions; training and reading the reward model
+                 ppo            PPO's pieces; notebook 08's start (07's models, loaded or trained again)
     serving      chat           the chat loop
                  serving        the OpenAI-compatible server
 """

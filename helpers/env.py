@@ -123,8 +123,8 @@ def bf16_supported(device=None) -> bool:
     bf16 is native. `torch.cuda.is_bf16_supported()` also says True on a T4 (7.5), where bf16 is only
     emulated and slow; older GPUs (T4, V100) train in fp16 with loss scaling instead. On a CPU: True,
     because PyTorch computes bf16 on any CPU (natively where AVX512-BF16 exists, emulated elsewhere).
-    Its answer is the bf16 line of `environment_report()` (notebooks/00_setup_and_tour.ipynb); notebook 07
-    trains in bf16 with it, and notebooks/03_qlora_training.ipynb explains the fp16 alternative.
+    Its answer is the bf16 line of `environment_report()` (notebooks/00_setup_and_tour.ipynb); notebooks 07
+    and 08 train in bf16 with it, and notebooks/03_qlora_training.ipynb explains the fp16 alternative.
     """
     import torch
 
