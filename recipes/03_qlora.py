@@ -17,7 +17,7 @@ MODEL = "bigscience/bloom-7b1"
 # MOSS's chats in Firefly's layout, {"conversation": [{"human": ..., "assistant": ...}, ...]} (moss_003_sft in data/).
 DATA = "YeungNLP/moss-003-sft-data"
 MAX_STEPS = 1000
-OUTPUT_DIR = "outputs/recipe-02-qlora"
+OUTPUT_DIR = "outputs/recipe-03-qlora"
 MAX_LENGTH = 1024  # tokens per conversation, cut from the right
 BATCH_SIZE = 4
 GRADIENT_ACCUMULATION = 4  # 16 conversations per optimizer step

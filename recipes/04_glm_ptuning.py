@@ -19,7 +19,7 @@ MODEL = "THUDM/glm-4-9b-chat-hf"   # GLM-4-9B-Chat for transformers >= 4.46 (mod
 DATA = "PromptCBLUE/train.json"    # PromptCBLUE's train split: not on the Hub, download it (see DATA's check below)
 TASK = "CHIP-CTC"                  # the PromptCBLUE task kept (the course's classification, data/dataset_info.json)
 MAX_STEPS = 3000                   # ChatGLM2-6B ptuning/train.sh
-OUTPUT_DIR = "outputs/recipe-03-glm-ptuning"
+OUTPUT_DIR = "outputs/recipe-04-glm-ptuning"
 METHOD = "p-tuning-v2"             # or "lora"
 PRE_SEQ_LEN = 128                  # train.sh PRE_SEQ_LEN
 PREFIX_PROJECTION = False          # ptuning/arguments.py default: the prefix table itself is learned

@@ -18,7 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSe
 MODEL = "bigscience/bloom-7b1"
 DATA = "datasets/PromptCBLUE/train.json"  # the training kit's path; PromptCBLUE v0.1: 68,500 rows, 16 tasks
 MAX_STEPS = 800                           # about 3 epochs: 68,500 rows / 256 a step = 268 steps an epoch
-OUTPUT_DIR = "outputs/recipe-04-zero3-full"
+OUTPUT_DIR = "outputs/recipe-06-zero3-full"
 MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH = 512, 64  # the kit's --max_source_length / --max_target_length
 MAX_LENGTH = 576                          # their sum: the longest example
 BATCH_SIZE = 4                            # per GPU, as the kit

@@ -19,7 +19,7 @@ from trl import DPOConfig, DPOTrainer
 MODEL = "bigscience/bloom-7b1"
 DATA = "data/comparison_gpt4_data_zh.json"
 MAX_STEPS = 1000  # x 16 pairs per step; one epoch (the seed's --num_train_epochs 1.0) is rows / 16
-OUTPUT_DIR = "outputs/recipe-05-dpo"
+OUTPUT_DIR = "outputs/recipe-08-dpo"
 MAX_LENGTH = 512  # tokens of prompt + reply; longer pairs are cut at the end
 BATCH_SIZE = 2  # pairs per device (each is two sequences: chosen and rejected)
 GRADIENT_ACCUMULATION = 8  # 16 pairs per optimizer step, as the seed's reward model (4 x 4)
