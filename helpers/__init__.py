@@ -15,7 +15,7 @@ The modules form layers, read from the bottom up; a module imports only from mod
                  tuning         the Trainer recipe for every method, measured
                  launching      running a script on several processes: launcher, environment, log (notebook 06)
                  run_cache      train once, reuse the saved run (notebooks 04 and 09)
-                 export         merging and loading for inference
+                 export         merging and loading for inference; answer losses; reusing notebook 10's adapter in 11
     generation   metrics        BLEU-4 / ROUGE on text (no model)
                  generation     batched generation, the predictions file, accuracy, perplexity
                  rewards        reward functions; training and reading the reward model

@@ -8,10 +8,19 @@
 A merged folder is a plain transformers model (safetensors shards + index + config + tokenizer): it
 loads without peft, in any tool that reads Hugging Face checkpoints. Taught in
 notebooks/10_merge_and_export.ipynb.
+
+`answer_losses` scores a model's answers given their prompts (notebook 10 compares adapter blends with it,
+notebook 11 asks whether the chat history helps). `save_training_record` writes beside an adapter what trained
+it, and `reuse_or_train_adapter` copies such an adapter instead of training an equal one again: notebook 11
+reuses notebook 10's chat adapter this way, and still runs alone.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+
+TRAINING_RECORD = "training.json"  # beside a saved adapter: what trained it (save_training_record)
 
 
 def _check_adapter(adapter) -> Path:
@@ -95,3 +104,100 @@ def max_logit_difference(model_a, model_b, input_ids) -> float:
     if a.shape != b.shape:
         raise ValueError(f"the models disagree on the logits' shape: {tuple(a.shape)} vs {tuple(b.shape)}")
     return (a - b).abs().max().item()
+
+
+def answer_losses(model, tokenizer, prompts_and_answers, batch_size=16):
+    """Negative log-likelihood per token of each answer (and its </s>) given its prompt ids: one value per answer.
+
+    `prompts_and_answers` is a list of (prompt token ids, answer text). Returns a 1-D tensor, in order.
+    Taught in notebooks/10_merge_and_export.ipynb; notebook 11 uses it on chats with and without their history.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from helpers.prompts import IGNORE_INDEX, collator
+
+    features = []
+    for prompt_ids, answer in prompts_and_answers:
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        features.append({"input_ids": prompt_ids + answer_ids, "attention_mask": [1] * (len(prompt_ids) + len(answer_ids)),
+                         "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids})
+    losses = []
+    for start in range(0, len(features), batch_size):
+        batch = collator(tokenizer)(features[start:start + batch_size])
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]  # position t predicts token t+1
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        losses += (nll.sum(1) / (labels != IGNORE_INDEX).sum(1)).tolist()
+    return torch.tensor(losses)
+
+
+def training_record(method: str, train_dataset, **finetune_arguments) -> dict:
+    """What decides the adapter `finetune(method, train_dataset, **finetune_arguments)` trains, as plain JSON.
+
+    The method and its arguments (`output_dir` aside: only where the Trainer writes), the base model's files, a
+    hash of the tokenized rows (input_ids and labels), the libraries, and the arithmetic that rounds the numbers
+    (CPU kernel path, threads, the GPU): two equal records train the same adapter.
+    Taught in notebooks/10_merge_and_export.ipynb.
+    """
+    import hashlib
+    import importlib.metadata
+    import os
+
+    import torch
+
+    from .models import DEFAULT_MODEL, resolve_model
+    from .run_cache import model_fingerprint
+
+    arguments = {key: value for key, value in finetune_arguments.items() if key != "output_dir"}
+    rows = json.dumps([list(train_dataset[column]) for column in ("input_ids", "labels")], separators=(",", ":"))
+    record = {
+        "method": method, "arguments": arguments,
+        "model": model_fingerprint(resolve_model(arguments.get("model_name", DEFAULT_MODEL))),
+        "rows": {"count": len(train_dataset), "sha256": hashlib.sha256(rows.encode()).hexdigest()},
+        "libraries": {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft")},
+        "arithmetic": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+                       "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                       **{name: os.environ.get(name) for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}},
+    }
+    return json.loads(json.dumps(record, default=str))  # plain JSON: what training.json holds, compared as read
+
+
+def save_training_record(folder, result, train_dataset, **finetune_arguments) -> Path:
+    """Write training.json into the adapter folder `folder`: the `training_record` of the run that trained it
+    (`result`, finetune's FinetuneResult, with the arguments passed to finetune) and what the run measured
+    (losses, steps, seconds). Returns the file. Taught in notebooks/10_merge_and_export.ipynb.
+    """
+    _check_adapter(folder)
+    record = {"trained": training_record(result.method, train_dataset, **finetune_arguments),
+              "run": {"losses": result.losses, "steps": result.steps, "seconds": result.seconds}}
+    path = Path(folder) / TRAINING_RECORD
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def reuse_or_train_adapter(folder, method: str, train_dataset, *, reuse=None, **finetune_arguments) -> dict:
+    """The adapter `finetune(method, train_dataset, **finetune_arguments)` trains, saved in `folder` with its
+    training.json; when the adapter folder `reuse` holds one whose record is equal, a copy of that one instead.
+
+    Returns what training.json says (the record and the run's losses, steps and seconds) with "reused_from": the
+    folder copied, or None when the adapter was trained here (no `reuse`, no record there, or a different one: other
+    arguments, data, base model, libraries or arithmetic). Taught in notebooks/11_chat_and_api.ipynb, which reuses
+    notebook 10's chat adapter this way and trains it itself when opened first.
+    """
+    from .tuning import finetune
+
+    folder, wanted = Path(folder), training_record(method, train_dataset, **finetune_arguments)
+    if reuse is not None:
+        try:
+            saved = json.loads((Path(reuse) / TRAINING_RECORD).read_text())
+            if saved.get("trained") == wanted:
+                shutil.copytree(_check_adapter(reuse), folder, dirs_exist_ok=True)
+                return {**saved, "reused_from": str(reuse)}
+        except (OSError, ValueError):  # no record, or one being rewritten: train instead
+            pass
+    result = finetune(method, train_dataset, **finetune_arguments)
+    result.model.save_pretrained(folder)
+    saved = json.loads(save_training_record(folder, result, train_dataset, **finetune_arguments).read_text())
+    return {**saved, "reused_from": None}

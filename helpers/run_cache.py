@@ -4,7 +4,8 @@
 
 Infrastructure, not a lesson: notebook 04 uses it to compare the methods, notebook 09 to score the same runs
 without training them again. Its public surface is `train_or_load`, `load_cached_run`, `cache_key`,
-`cache_root` and the comparison's settings (`comparison_arguments`, `comparison_steps`); the rest (fingerprints,
+`cache_root`, `model_fingerprint` (which model files a run saw; notebook 11's adapter reuse checks it too) and the
+comparison's settings (`comparison_arguments`, `comparison_steps`); the rest (the other fingerprints,
 the atomic rename) is private. Taught in notebooks/04_ptuning_and_methods.ipynb.
 """
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _model_fingerprint(choice) -> dict:
+def model_fingerprint(choice) -> dict:
     """What identifies the base model (a helpers.models.ModelChoice): its resolved location and, for a local folder
     of at most 512 MiB (the stand-in), the SHA-256 of its config and weights, so a rebuilt stand-in is a new key."""
 
@@ -151,7 +152,7 @@ def _cache_key(method: str, rows, *, dataset: str, max_steps: int, seed: int, ch
     arguments = _effective_arguments(method, max_steps, seed, finetune_kwargs)
     described = {"version": CACHE_VERSION, "method": method, "dataset": dataset,
                  "dataset_sha256": _digest(json.dumps(rows.to_list(), ensure_ascii=False, sort_keys=True).encode())[:16],
-                 "model": _model_fingerprint(choice or resolve_model(model_name)), "lengths": lengths,
+                 "model": model_fingerprint(choice or resolve_model(model_name)), "lengths": lengths,
                  "arguments": arguments}
     key = _digest(json.dumps(described, sort_keys=True, default=str).encode())[:12]
     return f"{method}-{key}", described

@@ -197,7 +197,7 @@ COURSE = [
     ("07", "RLHF: reward model and PPO", "a reward model; PPO written out", "align"),
     ("08", "DPO and GRPO", "preference tuning without PPO; three methods compared", "align"),
     ("09", "Evaluation", "BLEU-4, Chinese ROUGE, accuracy, perplexity", "use"),
-    ("10", "Merge and export", "merged safetensors, 4-bit bases, LoftQ, TIES/DARE", "use"),
+    ("10", "Merge and export", "merged safetensors, 4-bit bases, PiSSA, TIES/DARE", "use"),
     ("11", "Chat and API", "chat templates, a chat box, an OpenAI-compatible server", "use"),
     ("12", "Speed and memory", "memory model, tokens/s, padding vs packing", "scale"),
 ]

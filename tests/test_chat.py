@@ -1,5 +1,6 @@
-"""helpers.chat and helpers.export: the chat prompt format, streamed replies, the widget, the terminal chat;
-merging and blending adapters (notebook 10)."""
+"""helpers.chat and helpers.export: the chat prompt format, streamed replies, the widget, the terminal chat
+(notebook 11); merging and blending adapters, answer losses, reusing an adapter another notebook trained (notebooks 10
+and 11)."""
 import io
 import os
 import subprocess
@@ -11,7 +12,8 @@ import torch
 from helpers.chat import (ChatSession, Generation, chat_widget, conversation_prompt_ids, stream_generate,
                           template_prompt_ids, turns_to_messages)
 from helpers.env import REPO_ROOT
-from helpers.export import load_for_inference, max_logit_difference, merge_and_save
+from helpers.export import (TRAINING_RECORD, answer_losses, load_for_inference, max_logit_difference, merge_and_save,
+                            reuse_or_train_adapter)
 from helpers.models import DEFAULT_MODEL, load_tokenizer
 from helpers.prompts import IGNORE_INDEX, tokenize_conversation
 from helpers.standin import CHAT_TEMPLATE, add_chat_template
@@ -216,7 +218,7 @@ def test_adapter_loads_kept_separate_or_merged_with_the_same_logits(loaded, adap
 
 
 def test_weighted_adapters_cat_is_the_weighted_sum_linear_is_not_and_dare_drops_a_share(tmp_path):
-    """Notebook 10, section 6: peft's add_weighted_adapter on two LoRA adapters. `cat` is exactly the weighted sum of
+    """Notebook 10, section 5: peft's add_weighted_adapter on two LoRA adapters. `cat` is exactly the weighted sum of
     the updates, `linear` is not (cross terms); DARE at density 1 is `linear`; at density d a share of about (1 - d)^2
     of a DARE merge's factor entries is zero (an entry is zero only where both adapters dropped it)."""
     import math
@@ -252,6 +254,54 @@ def test_weighted_adapters_cat_is_the_weighted_sum_linear_is_not_and_dare_drops_
     zeros, total = sum(int((w == 0).sum()) for w in dare), sum(w.numel() for w in dare)
     share = (1 - density) ** 2
     assert abs(zeros / total - share) < 6 * math.sqrt(share * (1 - share) / total), (zeros / total, share)
+
+
+def test_answer_losses_are_each_answers_mean_loss_given_its_prompt(loaded):
+    """Notebooks 10 and 11: answer_losses gives, per answer, the model's own loss with labels on the answer and its
+    </s> only, whether the answers are scored in one padded batch or one by one."""
+    model, tok = loaded
+    items = [(conversation_prompt_ids(tok, [], question)[0], answer) for question, answer in
+             (("3 加 4 等于多少？", "等于 7。"), ("Hello", "Hi there, how can I help you today?"), ("再加 2 呢？", "9"))]
+    batched = answer_losses(model, tok, items)
+    assert batched.shape == (3,)
+    assert torch.allclose(batched, torch.cat([answer_losses(model, tok, [item]) for item in items]), rtol=1e-5)
+    for (prompt, answer), value in zip(items, batched):
+        answer_ids = _ids(tok, answer) + [tok.eos_token_id]
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([prompt + answer_ids]),
+                         labels=torch.tensor([[IGNORE_INDEX] * len(prompt) + answer_ids])).loss
+        assert value.item() == pytest.approx(loss.item(), rel=1e-5)  # float32, summed in another order
+
+
+def test_reuse_or_train_adapter_copies_only_an_adapter_trained_the_same_way(tmp_path):
+    """Notebook 11 copies notebook 10's chat adapter when its training.json is the record of the very training notebook
+    11 would run, and trains otherwise (no adapter there, other arguments, an unreadable record). Both paths, and what
+    the copy relies on: the same call trains the same adapter again."""
+    from safetensors.torch import load_file
+
+    from helpers.data import load_dataset
+    from helpers.prompts import tokenize_dataset
+
+    rows = tokenize_dataset(load_dataset("conversations").select(range(8)), load_tokenizer(MODEL), max_length=48)
+    arguments = {"model_name": MODEL, "max_steps": 2, "batch_size": 4, "seed": 0, "logging_steps": 1}
+
+    def adapter(name, reuse=None, **changes):
+        return reuse_or_train_adapter(tmp_path / name, "lora", rows, output_dir=tmp_path / f"{name}-trainer",
+                                      reuse=reuse, **{**arguments, **changes})
+
+    first = adapter("first", reuse=tmp_path / "not-there")
+    assert first["reused_from"] is None and first["run"]["steps"] == 2 and (tmp_path / "first-trainer").is_dir()
+    copied = adapter("copied", reuse=tmp_path / "first")
+    assert copied["reused_from"] == str(tmp_path / "first") and not (tmp_path / "copied-trainer").exists()
+    assert (copied["trained"], copied["run"]) == (first["trained"], first["run"])
+    again = adapter("again")  # nothing to reuse: trained here, by the same call
+    assert again["reused_from"] is None and again["trained"] == first["trained"]
+    weights = [load_file(tmp_path / name / "adapter_model.safetensors") for name in ("first", "again")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    other = adapter("other-seed", reuse=tmp_path / "first", seed=1)
+    assert other["reused_from"] is None and other["trained"]["arguments"]["seed"] == 1
+    (tmp_path / "first" / TRAINING_RECORD).write_text('{"trained": ')  # a record being written, or broken
+    assert adapter("after-a-broken-record", reuse=tmp_path / "first")["reused_from"] is None
 
 
 def test_export_refuses_bad_input(tmp_path):

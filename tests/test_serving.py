@@ -1,10 +1,12 @@
-"""helpers.serving: the OpenAI-compatible server, called over real HTTP on a loopback port."""
+"""helpers.serving: the OpenAI-compatible server, called over real HTTP on a loopback port, with raw requests and with
+OpenAI's official `openai` client (notebook 11)."""
 import json
 import os
 import subprocess
 import sys
 
 import httpx
+import openai
 import pytest
 
 from helpers.serving import (APIError, ChatMessage, ServerProcess, ServerThread, StopScanner, check_loopback,
@@ -262,7 +264,7 @@ def test_include_usage_adds_a_final_usage_chunk(server):
 
 
 def test_prompt_tokens_are_what_the_chat_template_renders(server, loaded):
-    """Notebook 10: the prompt the server counts is the course's template rendered on the messages, a developer
+    """Notebook 11: the prompt the server counts is the course's template rendered on the messages, a developer
     message included (in front of the first question)."""
     from helpers.standin import CHAT_TEMPLATE
 
@@ -272,3 +274,85 @@ def test_prompt_tokens_are_what_the_chat_template_renders(server, loaded):
     rendered = tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"]
     assert answer["usage"]["prompt_tokens"] == len(rendered)
+
+
+# --- OpenAI's official client (openai.OpenAI), as notebook 11 calls the server ---------------------------------------
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official client pointed at the server, sending through an httpx client of ours; no retries, so that a
+    refused request fails at once."""
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", http_client=httpx.Client(timeout=60),
+                       max_retries=0) as client:
+        yield client
+
+
+def _user(content):
+    return [{"role": "user", "content": content}]
+
+
+def test_official_client_lists_the_model_and_sends_max_completion_tokens(server, client):
+    assert [model.id for model in client.models.list()] == ["tiny"]
+    answer = client.chat.completions.create(model="tiny", messages=_user("Hello"), temperature=0,
+                                            max_completion_tokens=3)
+    raw = _complete(server.url, _ask("Hello", max_completion_tokens=3))
+    assert answer.object == "chat.completion" and answer.model == "tiny"
+    assert answer.choices[0].message.content == raw["choices"][0]["message"]["content"]
+    assert answer.choices[0].finish_reason == raw["choices"][0]["finish_reason"]
+    assert answer.usage.model_dump(exclude_none=True) == raw["usage"] and answer.usage.completion_tokens <= 3
+
+
+def test_official_client_sends_a_developer_message_and_text_parts(server, client):
+    plain = _complete(server.url, {"model": "tiny", "temperature": 0, "max_completion_tokens": 8,
+                                   "messages": [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "3 加 4 等于多少？"}]})
+    newer = client.chat.completions.create(
+        model="tiny", temperature=0, max_completion_tokens=8,
+        messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "3 加 4 "}, {"type": "text", "text": "等于多少？"}]}])
+    assert newer.choices[0].message.content == plain["choices"][0]["message"]["content"]
+    assert newer.usage.prompt_tokens == plain["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_official_client_sends_stop_streamed_or_not(server, client, as_list):
+    plain = _complete(server.url, _ask("Hello", max_completion_tokens=LIMIT))["choices"][0]["message"]["content"]
+    stop = plain[len(plain) // 2:len(plain) // 2 + 2]  # greedy: the same answer again, so this text appears in it
+    expected = plain[:plain.index(stop)].strip()
+    request = {"model": "tiny", "messages": _user("Hello"), "temperature": 0, "max_completion_tokens": LIMIT,
+               "stop": [stop, "never in it \u2603"] if as_list else stop}
+    cut = client.chat.completions.create(**request)
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_official_client_streams_with_include_usage(server, client):
+    plain = _complete(server.url, _ask("Hello", max_completion_tokens=6))
+    stream = client.chat.completions.create(model="tiny", messages=_user("Hello"), temperature=0,
+                                            max_completion_tokens=6, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == plain["choices"][0]["message"]["content"]
+    assert chunks[-2].choices[0].finish_reason == plain["choices"][0]["finish_reason"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump(exclude_none=True) == plain["usage"]
+    assert all(c.usage is None for c in chunks[:-1])  # OpenAI: null until the last chunk
+
+
+@pytest.mark.parametrize("request_fields,error,message", [
+    ({"model": "gpt-4o"}, openai.NotFoundError, "'gpt-4o' does not exist here"),
+    ({"max_completion_tokens": LIMIT + 1}, openai.BadRequestError,
+     f"max_completion_tokens is {LIMIT + 1}, more than this server allows ({LIMIT})"),
+    ({"stop": list("abcde")}, openai.BadRequestError, "a list of up to 4 non-empty strings"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.png"}}]}]},
+     openai.BadRequestError, "messages[0].content[0] is a part of type 'image_url'"),
+], ids=["unknown model", "max_completion_tokens too large", "five stop sequences", "an image part"])
+def test_official_client_raises_the_servers_4xx_as_its_exceptions(client, request_fields, error, message):
+    with pytest.raises(error) as raised:
+        client.chat.completions.create(**{"model": "tiny", "messages": _user("Hello"), **request_fields})
+    assert message in raised.value.body["message"] and raised.value.status_code in (400, 404)
+    assert client.chat.completions.create(model="tiny", messages=_user("Hi"), max_completion_tokens=1).choices
