@@ -292,6 +292,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"global batch {log['global_batch']}, "
               f"{log['steps']} steps in {seconds:.1f} s, loss {log['losses'][0]:.4f} -> {log['losses'][-1]:.4f}; "
               f"saved to {args.output_dir}", flush=True)
+    if world_size > 1 and torch.distributed.is_initialized():
+        # Leave together, and close the process group before the interpreter exits: a rank that exits with it still
+        # open can abort in its teardown ("terminate called without an active exception", exit code -6), after a run
+        # that trained and saved; a fresh clone's `make test` met it once.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return log
 
 
