@@ -464,16 +464,12 @@ def start_settings(config: dict, train) -> dict:
     Two runs with equal settings train the same models. Taught in notebooks/07_rlhf.ipynb (its last section).
     """
     from .models import resolve_model
+    from .run_cache import model_fingerprint
 
     missing = [key for key in START_KEYS if key not in config]
     if missing:
         raise KeyError(f"the configuration lacks {missing}: notebook 07's stages 1-3 need every key of START_KEYS")
-    choice = resolve_model(config["model_name"])
-    model = {"path": "stand-in" if choice.standin else str(choice.path), "standin": choice.standin}
-    folder = Path(choice.path)
-    if folder.is_dir():  # a local folder (the stand-in): its content identifies it, not where it lies
-        model["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(folder.iterdir())
-                          if p.suffix in (".json", ".safetensors") and p.is_file()}
+    model = model_fingerprint(resolve_model(config["model_name"]))  # the stand-in: its files' hashes, not its path
     rows = json.dumps(train.to_list(), ensure_ascii=False, sort_keys=True).encode()
     return {**{key: config[key] for key in START_KEYS}, "model": model,
             "train_rows": hashlib.sha256(rows).hexdigest()[:16]}
