@@ -17,12 +17,12 @@ What each part of a training step keeps in memory, in bytes:
 ZeRO stages shard the optimizer states (1), the gradients (2) and the parameters (3) over devices.
 
 Taught in notebooks/02_nf4_quantization.ipynb (weights, quantization, LoRA, optimizer states; it writes
-`count_parameters_from_config`, `quantized_bytes` and `lora_parameters`), notebooks/05_deepspeed_zero.ipynb (it
+`count_parameters_from_config`, `quantized_bytes` and `lora_parameters`), notebooks/06_deepspeed_zero.ipynb (it
 writes `zero_model_states`) and
-notebooks/12_speed_and_memory.ipynb (activations: it writes `activation_elements_per_token`, adds the estimate up
+notebooks/13_speed_and_memory.ipynb (activations: it writes `activation_elements_per_token`, adds the estimate up
 from the pieces and validates it against published measurements). A notebook cell that starts with
 `# saved in helpers/memory.py` holds the same code as the function here (tests/test_hygiene.py checks it): change
-both. The formulas and their sources are in lessons/12_speed_and_memory.md.
+both. The formulas and their sources are in lessons/13_speed_and_memory.md.
 """
 from __future__ import annotations
 
@@ -272,7 +272,7 @@ def prefix_parameters(config_or_name, pre_seq_len: int = 16, prefix_projection: 
     layers*2*hidden), and with the projection the table is Embedding(N, kv) -> Linear(kv, H) -> Tanh
     -> Linear(H, kv), H = hidden_size. peft does the same for every grouped-query model (GLM-4, Mistral):
     its token_dim becomes head_dim * num_key_value_heads, and the projection's width defaults to it.
-    Taught in notebooks/04_ptuning_and_methods.ipynb."""
+    Taught in notebooks/04_ptuning_v2.ipynb."""
     a = architecture(config_or_name)
     if not isinstance(pre_seq_len, int) or pre_seq_len < 1:
         raise ValueError(f"pre_seq_len must be a positive integer, got {pre_seq_len!r}")
@@ -309,7 +309,7 @@ def zero_model_states(num_params: int, *, stage: int, num_devices: int, k: float
     keeps the optimizer states, and from stage 2 the gradient shards, in CPU memory; ZeRO-Infinity's
     offload_params (stage 3) moves the parameter shards there too. Returns bytes per device:
     params, gradients, optimizer, total, and cpu (what was offloaded, per device).
-    Taught in notebooks/05_deepspeed_zero.ipynb.
+    Taught in notebooks/06_deepspeed_zero.ipynb.
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -349,7 +349,7 @@ def activation_elements_per_token(config_or_name, seq_len: int = 512, attention:
                      + heads * (seq_len + prefix_len) softmax probabilities with eager attention
                      (memory-efficient SDPA / FlashAttention keep only a log-sum-exp per head)
       mlp            h (input) + 2i (GELU input and output) or 3i (SwiGLU gate, up and product)
-    Taught in notebooks/12_speed_and_memory.ipynb.
+    Taught in notebooks/13_speed_and_memory.ipynb.
     """
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention must be 'sdpa' (memory-efficient) or 'eager', got {attention!r}")
@@ -435,7 +435,7 @@ def estimate_memory(model, *, weights: str = "fp16", method: str = "lora", lora_
       (`zero_model_states`), and stage 3 shards the frozen weights too.
     Trainable parameters are fp32 with fp32 gradients (PEFT's default), except full fine-tuning of
     16-bit weights, which is mixed precision: 16-bit weights and gradients + an fp32 master copy.
-    Taught in notebooks/02_nf4_quantization.ipynb and notebooks/12_speed_and_memory.ipynb.
+    Taught in notebooks/02_nf4_quantization.ipynb and notebooks/13_speed_and_memory.ipynb.
     """
     _check("weights", weights, WEIGHT_FORMATS)
     _check("method", method, METHODS)
@@ -639,13 +639,13 @@ def _recipe_kwargs(stem: str, c: dict, dtype: str, path) -> dict:
             return dict(model=model, weights=dtype, method="lora", **lora, **common)
         return dict(model=model, weights=dtype, method="ptuning-v2", pre_seq_len=c["PRE_SEQ_LEN"],
                     prefix_projection=c.get("PREFIX_PROJECTION", False), **common)
-    if stem.startswith("06_"):    # DeepSpeed ZeRO over NUM_GPUS, full fine-tuning or LoRA
+    if stem.startswith("07_"):    # DeepSpeed ZeRO over NUM_GPUS, full fine-tuning or LoRA
         stage, gpus = _need(c, path, "ZERO_STAGE", "NUM_GPUS")
         if c.get("USE_LORA", False):
             return dict(model=model, weights=dtype, method="lora", **lora, zero_stage=stage,
                         num_devices=gpus, **common)
         return dict(model=model, weights=dtype, method="full", zero_stage=stage, num_devices=gpus, **common)
-    if stem.startswith("08_"):    # DPO with LoRA: chosen and rejected go through the model together
+    if stem.startswith("09_"):    # DPO with LoRA: chosen and rejected go through the model together
         return dict(model=model, weights=dtype, method="lora", **lora,
                     **(common | {"batch_size": 2 * batch}))
     raise ValueError(f"{path}: no memory model for this recipe; add its entry to helpers.memory._recipe_kwargs")
@@ -677,7 +677,7 @@ def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
 
     With full_size=True (the notebook's FULL_SIZE) and a profile `gpu` the recipe does not fit, raises
     RecipeWontFit with the prediction, the largest component and what to change: an hour before an out-of-memory
-    error would have said less. Taught in the recipe sections of notebooks 01, 03, 04, 06 and 08; the memory model in 02 and 12.
+    error would have said less. Taught in the recipe sections of notebooks 01, 03, 04, 07 and 09; the memory model in 02 and 13.
     """
     import pandas as pd
 
@@ -697,7 +697,7 @@ def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
         fits = [name for name in table.index if table.loc[name, "fits"] == "✓"]
         advice = {
             "weights": "the weights alone are too big: quantize them (notebook 03's QLoRA recipe) or shard them "
-                       "over more GPUs (notebook 05's ZeRO-3)",
+                       "over more GPUs (notebook 06's ZeRO-3)",
             "activations": "lower BATCH_SIZE (raise GRADIENT_ACCUMULATION to keep the batch), shorten MAX_LENGTH, "
                            "or set GRADIENT_CHECKPOINTING = True",
         }.get(biggest, "train fewer parameters (LoRA), shard the states (ZeRO) or use an 8-bit optimizer")
@@ -710,7 +710,7 @@ def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
 
 
 def recipes_table(folder=None) -> str:
-    """Markdown: every recipe's predicted peak GiB on every GPU profile (lesson 12's table)."""
+    """Markdown: every recipe's predicted peak GiB on every GPU profile (lesson 13's table)."""
     from pathlib import Path
 
     folder = Path(folder) if folder else Path(__file__).resolve().parents[1] / "recipes"

@@ -9,7 +9,7 @@ Chinese mode (the seeds' way, `lang="zh"`), per example, then averaged over the 
 
 Both are rounded to 4 decimals per example, as the seeds round them. English mode (`lang="en"`) uses the same
 formulas on words (`words()`: runs of letters and digits, CJK characters and punctuation marks one by one),
-because characters are the wrong unit for English. Taught in notebooks/09_evaluation.ipynb.
+because characters are the wrong unit for English. Taught in notebooks/10_evaluation.ipynb.
 
 Nothing here does anything on import; jieba is loaded (quietly) on first use.
 """

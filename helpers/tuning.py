@@ -3,7 +3,7 @@
     result = finetune("lora", train_set, output_dir=out, max_steps=60)
 
 Methods: "lora" (notebooks/01_lora_basics.ipynb), "qlora" (notebooks/03_qlora_training.ipynb), and
-"ptuning-v2", "freeze", "full" (notebooks/04_ptuning_and_methods.ipynb), which compares all of them.
+"ptuning-v2", "freeze", "full" (notebooks/05_comparing_methods.ipynb), which compares all of them.
 The 🤗 Trainer does the loop; this module prepares the model, builds the TrainingArguments and measures the
 run. Training once and reusing the run in later notebooks is helpers.run_cache.
 """
@@ -24,7 +24,7 @@ DEFAULT_LR = {
     "qlora": 2e-3,       # QLoRA paper: 2e-4
     # ChatGLM P-Tuning v2: 2e-2. Exploratory runs on the stand-in (2026-12-02, 60 steps, seeds 1-5): 2e-2 mostly
     # collapsed to one answer (10-17% of the test split; a constant answer scores 10.4%), 1e-2 reached 11-26% and
-    # 5e-3 13-24%. At 120 steps, 1e-2 is swept in lessons/04_ptuning_and_methods.md.
+    # 5e-3 13-24%. At 120 steps, 1e-2 is swept in lessons/05_comparing_methods.md.
     "ptuning-v2": 1e-2,
     "freeze": 1e-3,      # ChatGLM Efficient Tuning freeze: 1e-4 to 5e-5
     "full": 5e-4,        # full fine-tuning: 1e-5
@@ -82,7 +82,7 @@ def repair_prefix_generation(model):
     first step and drops peft's fresh copy at the later ones. Other models are returned untouched, and
     so is everything once peft passes the prefix as `cache` itself. Notebook 04 checks that `generate`
     scores the first new token exactly as `forward` does.
-    Taught in notebooks/04_ptuning_and_methods.ipynb.
+    Taught in notebooks/04_ptuning_v2.ipynb.
     """
     from peft import PeftModel, PeftType
 

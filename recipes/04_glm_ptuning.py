@@ -2,7 +2,7 @@
 # Run it on a GPU: `python recipes/04_glm_ptuning.py` (pip install torch transformers peft datasets; the course's
 # pyproject.toml has them). GPU profile: L4 (24 GB) or larger, not a T4: the 9B model stays in 16 bits (notebook 04's
 # fit check predicts its peak on every profile). THUDM/glm-4-9b-chat-hf is GLM-4 converted for transformers
-# (GlmForCausalLM): no trust_remote_code. Taught in notebooks/04_ptuning_and_methods.ipynb: P-Tuning v2, ChatGLM2's
+# (GlmForCausalLM): no trust_remote_code. Taught in notebooks/04_ptuning_v2.ipynb: P-Tuning v2, ChatGLM2's
 # own recipe, and why `generate` needs helpers.tuning.repair_prefix_generation to see a prefix (transformers >= 5.23).
 # Run it again with the same OUTPUT_DIR and it resumes from the last complete checkpoint.
 import json

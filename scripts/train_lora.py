@@ -1,7 +1,7 @@
 """Fine-tune the course model on promptcblue_ctc through the 🤗 Trainer, with LoRA or every weight, on one or many processes.
 
 The notebook-01 recipe as a script, so that a launcher can start it once per device. Taught in
-notebooks/06_multi_gpu_training.ipynb (theory: lessons/06_multi_gpu_training.md). `--use_lora false` (the training
+notebooks/07_multi_gpu_training.ipynb (theory: lessons/07_multi_gpu_training.md). `--use_lora false` (the training
 kit's flag) trains every weight instead: full fine-tuning, whose states are what ZeRO shards. The same file runs:
 
     python scripts/train_lora.py --output_dir outputs/run                        # 1 process
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_lora.py",
         description="LoRA or full fine-tuning of a causal LM with the 🤗 Trainer; launch it with python, torchrun, "
-                    "deepspeed or accelerate launch (notebooks/06_multi_gpu_training.ipynb).",
+                    "deepspeed or accelerate launch (notebooks/07_multi_gpu_training.ipynb).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("model and data")
     data.add_argument("--model_name_or_path", default=DEFAULT_MODEL,

@@ -251,14 +251,14 @@ def test_recipe_constants_read_literals_and_tuples_only(tmp_path):
     assert recipe_constants(script) == {"MODEL": "m", "A": 1, "B": (2, 3)}
 
 
-# The figures notebook 12 prints, pinned here (they were asserts in the notebook, issue 18): a change to the memory
-# model that moves one of them fails this file, and lessons/12_speed_and_memory.md must be looked at again.
+# The figures notebook 13 prints, pinned here (they were asserts in the notebook, issue 18): a change to the memory
+# model that moves one of them fails this file, and lessons/13_speed_and_memory.md must be looked at again.
 NOTEBOOK_12_RECIPE = dict(weights="nf4-dq", method="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all",
                           optimizer="paged-adamw-32bit", batch_size=4, seq_len=512, gradient_checkpointing=True,
-                          compute_dtype="bf16", attention="eager")  # notebook 12's CONFIG["recipe"]
+                          compute_dtype="bf16", attention="eager")  # notebook 13's CONFIG["recipe"]
 
 
-def test_notebook_12_full_fine_tuning_against_qlora_on_bloom_7b1():
+def test_notebook_13_full_fine_tuning_against_qlora_on_bloom_7b1():
     batch = dict(batch_size=4, seq_len=512, gradient_checkpointing=True, attention="eager")
     full = estimate_memory(BLOOM, weights="bf16", method="full", **batch).gib()
     qlora = estimate_memory(BLOOM, weights="nf4-dq", method="qlora", lora_r=64, compute_dtype="bf16", **batch).gib()
@@ -267,7 +267,7 @@ def test_notebook_12_full_fine_tuning_against_qlora_on_bloom_7b1():
     assert full / qlora > 8
 
 
-def test_notebook_12_checkpointing_leaves_the_logits():
+def test_notebook_13_checkpointing_leaves_the_logits():
     plain = estimate_memory(BLOOM, **dict(NOTEBOOK_12_RECIPE, gradient_checkpointing=False)).gib("activations")
     ckpt = estimate_memory(BLOOM, **NOTEBOOK_12_RECIPE).gib("activations")
     logits = 4 * 512 * 250880 * (2 + 8) / GIB  # 16-bit logits, the fp32 log-softmax and its fp32 gradient
@@ -291,7 +291,7 @@ _CHATGLM_ROWS = [  # ChatGLM Efficient Tuning's V100 table: (setting, published 
 ]
 
 
-def test_notebook_12_rows_outside_25_percent_of_the_published_figures():
+def test_notebook_13_rows_outside_25_percent_of_the_published_figures():
     ratios = {setting: estimate_memory("THUDM/chatglm-6b", **dict(_CHATGLM_V100, **kwargs)).gib() / published
               for setting, published, kwargs in _CHATGLM_ROWS}
     for size, name, published in [("65B", "huggyllama/llama-65b", 41), ("33B", "huggyllama/llama-30b", 21),
@@ -309,7 +309,7 @@ def test_notebook_12_rows_outside_25_percent_of_the_published_figures():
     }
 
 
-def test_notebook_12_ptuning_rows_fit_without_checkpointing():
+def test_notebook_13_ptuning_rows_fit_without_checkpointing():
     for setting, published, kwargs in _CHATGLM_ROWS:
         if not setting.startswith("P-Tuning"):
             continue

@@ -1,4 +1,4 @@
-"""The online learner's lane: notebooks 00-04 as a learner with internet gets them.
+"""The online learner's lane: notebooks 00-05 as a learner with internet gets them.
 
 Offline, the course resolves `EleutherAI/pythia-70m-deduped` to its stand-in. A learner with internet (every Colab
 session, every connected `make lab`) gets the real model, which differs where the notebooks could go wrong: Pythia's
@@ -36,7 +36,7 @@ COMMIT = "0" * 40  # the snapshot's name in the cache; any hash-like name works 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 LANE_STEPS = 10
 NOTEBOOKS = ["00_setup_and_tour", "01_lora_basics", "02_nf4_quantization", "03_qlora_training",
-             "04_ptuning_and_methods"]
+             "04_ptuning_v2", "05_comparing_methods"]
 
 
 def build_pythia_cache(hf_home: Path) -> Path:

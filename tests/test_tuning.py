@@ -224,7 +224,7 @@ def test_train_or_load_trains_once_then_loads(tiny_model_dir, cache, monkeypatch
 
 
 def test_a_reloaded_lora_adapter_trains_only_when_asked(tiny_model_dir, cache):
-    """Notebook 04, section 4: resuming a LoRA checkpoint needs is_trainable=True; peft loads adapters frozen."""
+    """Notebook 05, section 2: resuming a LoRA checkpoint needs is_trainable=True; peft loads adapters frozen."""
     from peft import PeftModel
 
     _, _, info = run_cache.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)
@@ -299,8 +299,8 @@ def test_the_comparison_arguments_are_notebook_03s_and_make_one_cache_key():
 
     arguments = run_cache.comparison_arguments(smoke=True)
     assert arguments["max_steps"] == run_cache.comparison_steps(True) and arguments["seed"] == run_cache.COMPARISON_SEED
-    config = "".join(json.loads((REPO_ROOT / "notebooks" / "04_ptuning_and_methods.ipynb").read_text())["cells"][5]["source"])
-    for key, value in run_cache.COMPARISON.items():  # notebook 04's configuration cell shows the same values
+    config = "".join(json.loads((REPO_ROOT / "notebooks" / "05_comparing_methods.ipynb").read_text())["cells"][5]["source"])
+    for key, value in run_cache.COMPARISON.items():  # notebook 05's configuration cell shows the same values
         assert f'"{key}": {json.dumps(value)}' in config, key
     assert run_cache.cache_key("lora", **arguments)[0].startswith("lora-")
 

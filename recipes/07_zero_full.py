@@ -1,11 +1,11 @@
-# recipes/06_zero_full.py: full fine-tuning of BLOOM-7B1 on PromptCBLUE with DeepSpeed ZeRO-3 and the 🤗 Trainer.
-# Run from a terminal, one process per GPU:   deepspeed --num_gpus 4 recipes/06_zero_full.py
-# (torchrun --nproc_per_node 4 recipes/06_zero_full.py is the same). Needs: 4 GPUs of 40 GB (A100-40GB; the fit
-# check in notebook 06 predicts each profile), pip install deepspeed, and PromptCBLUE's train.json, which is not on
+# recipes/07_zero_full.py: full fine-tuning of BLOOM-7B1 on PromptCBLUE with DeepSpeed ZeRO-3 and the 🤗 Trainer.
+# Run from a terminal, one process per GPU:   deepspeed --num_gpus 4 recipes/07_zero_full.py
+# (torchrun --nproc_per_node 4 recipes/07_zero_full.py is the same). Needs: 4 GPUs of 40 GB (A100-40GB; the fit
+# check in notebook 07 predicts each profile), pip install deepspeed, and PromptCBLUE's train.json, which is not on
 # the Hugging Face Hub: download it by hand (https://github.com/michael-wzhu/PromptCBLUE) into DATA's folder.
 # ZeRO-3 shards the weights, gradients and Adam states over the GPUs: each holds 1/NUM_GPUS of them.
-# Taught in notebooks/06_multi_gpu_training.ipynb (theory: lessons/06_multi_gpu_training.md);
-# what ZeRO-3 keeps on each GPU: notebooks/05_deepspeed_zero.ipynb.
+# Taught in notebooks/07_multi_gpu_training.ipynb (theory: lessons/07_multi_gpu_training.md);
+# what ZeRO-3 keeps on each GPU: notebooks/06_deepspeed_zero.ipynb.
 import json
 import os
 import re
@@ -18,7 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSe
 MODEL = "bigscience/bloom-7b1"
 DATA = "datasets/PromptCBLUE/train.json"  # the training kit's path; PromptCBLUE v0.1: 68,500 rows, 16 tasks
 MAX_STEPS = 800                           # about 3 epochs: 68,500 rows / 256 a step = 268 steps an epoch
-OUTPUT_DIR = "outputs/recipe-06-zero3-full"
+OUTPUT_DIR = "outputs/recipe-07-zero3-full"
 MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH = 512, 64  # the kit's --max_source_length / --max_target_length
 MAX_LENGTH = 576                          # their sum: the longest example
 BATCH_SIZE = 4                            # per GPU, as the kit

@@ -1,11 +1,11 @@
-# recipes/08_dpo.py: DPO with LoRA on bloom-7b1, from (prompt, chosen, rejected) pairs, with TRL's DPOTrainer.
-# Run on one GPU from the course's root: python recipes/08_dpo.py (it resumes by itself if stopped).
+# recipes/09_dpo.py: DPO with LoRA on bloom-7b1, from (prompt, chosen, rejected) pairs, with TRL's DPOTrainer.
+# Run on one GPU from the course's root: python recipes/09_dpo.py (it resumes by itself if stopped).
 # Needs: an A100 (40 or 80 GB) or an L4 24 GB in bf16; a T4 16 GB does not hold bloom-7b1's 14 GB of fp16
-# weights plus the step (notebook 08's fit check prints the prediction for each GPU).
+# weights plus the step (notebook 09's fit check prints the prediction for each GPU).
 # Data: the seed's reward-model pairs (ChatGLM Efficient Tuning's comparison_gpt4_zh, CC BY-NC 4.0) are not on the
 # Hub; download comparison_gpt4_data_zh.json from https://github.com/hiyouga/ChatGLM-Efficient-Tuning/tree/main/data
 # into data/ (SHA-1 b99a41c1c864019d9b0c07dbcd5df0560cf33ce0). The course's data/preference_pairs.jsonl also works.
-# Taught in notebooks/08_dpo_and_grpo.ipynb (DPO beside GRPO and PPO); theory in lessons/08_dpo_and_grpo.md.
+# Taught in notebooks/09_dpo_and_grpo.ipynb (DPO beside GRPO and PPO); theory in lessons/09_dpo_and_grpo.md.
 import json
 import os
 import re
@@ -19,7 +19,7 @@ from trl import DPOConfig, DPOTrainer
 MODEL = "bigscience/bloom-7b1"
 DATA = "data/comparison_gpt4_data_zh.json"
 MAX_STEPS = 1000  # x 16 pairs per step; one epoch (the seed's --num_train_epochs 1.0) is rows / 16
-OUTPUT_DIR = "outputs/recipe-08-dpo"
+OUTPUT_DIR = "outputs/recipe-09-dpo"
 MAX_LENGTH = 512  # tokens of prompt + reply; longer pairs are cut at the end
 BATCH_SIZE = 2  # pairs per device (each is two sequences: chosen and rejected)
 GRADIENT_ACCUMULATION = 8  # 16 pairs per optimizer step, as the seed's reward model (4 x 4)
