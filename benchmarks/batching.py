@@ -7,7 +7,7 @@
   packed    several examples concatenated into one block of `block_size` tokens, so that almost
             no position is padding (examples are kept whole; attention is not masked between them)
 
-Taught in notebooks/13_speed_and_memory.ipynb.
+Taught in notebooks/14_speed_and_memory.ipynb.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ ones; the losses mean nothing.
 Prints peak GPU memory (allocated by tensors, and reserved by PyTorch's caching allocator, which is
 what nvidia-smi shows less the CUDA context), tokens/s and model FLOPs utilisation next to
 helpers.memory.estimate_memory's prediction. Without a GPU it prints why it skips and exits 0.
-Taught in notebooks/13_speed_and_memory.ipynb; the formulas are in lessons/13_speed_and_memory.md.
+Taught in notebooks/14_speed_and_memory.ipynb; the formulas are in lessons/14_speed_and_memory.md.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How far each lesson's result moves between runs: seeds x CPU kernel paths x thread counts.
 
-    python -m benchmarks.robustness                                  # notebooks 01 03 04 05 10, 5 seeds, every path, 1 and 2 threads
-    python -m benchmarks.robustness --notebooks 05,10 --seeds 1,2,3 --jobs 2
+    python -m benchmarks.robustness                                  # notebooks 02 04 05 06 11, 5 seeds, every path, 1 and 2 threads
+    python -m benchmarks.robustness --notebooks 06,11 --seeds 1,2,3 --jobs 2
     python -m benchmarks.robustness --paths                          # list the kernel paths and exit
 
 A result that holds on one CPU and not on another is a knife edge, not a lesson. This script executes the
@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/robustness.py`
 
 from helpers.env import REPO_ROOT  # noqa: E402
 
-DEFAULT_NOTEBOOKS = ("01", "03", "04", "05", "10")
+DEFAULT_NOTEBOOKS = ("02", "04", "05", "06", "11")
 # name -> (environment, what it means). "best" sets nothing: the machine's own best instructions.
 KERNEL_PATHS = {
     "best": ({}, "everything at this CPU's best instructions"),

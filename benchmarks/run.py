@@ -1,6 +1,6 @@
 """Speed and memory of the course's recipes on this machine, next to the memory model's prediction.
 
-    python -m benchmarks.run --quick          # about a minute on 2 CPU cores (notebook 13 runs this)
+    python -m benchmarks.run --quick          # about a minute on 2 CPU cores (notebook 14 runs this)
     python -m benchmarks.run --quick --methods lora,qlora --skip-techniques   # a few seconds (the test)
     python -m benchmarks.run                  # longer runs, steadier numbers
     python benchmarks/run.py --out results.json
@@ -12,7 +12,7 @@ Measures, in one process and on the same data, with helpers.tuning.finetune:
   techniques  dynamic padding (+ length grouping) versus padding to max_source + max_target length;
               packing versus dynamic padding; gradient checkpointing's memory saved and time paid
 Prints the tables and writes them as JSON (default outputs/benchmarks/results.json).
-Taught in notebooks/13_speed_and_memory.ipynb; the formulas are in lessons/13_speed_and_memory.md.
+Taught in notebooks/14_speed_and_memory.ipynb; the formulas are in lessons/14_speed_and_memory.md.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ SIZES = {
 }
 DATASET = "promptcblue_ctc"
 # Fixed lengths as a training kit's flags set them: round numbers above the longest example of the data with the
-# tokenizer that loads (notebook 01 measures them): 128 and 8 with the stand-in, 192 and 16 with Pythia's tokenizer.
+# tokenizer that loads (notebook 02 measures them): 128 and 8 with the stand-in, 192 and 16 with Pythia's tokenizer.
 LENGTH_STEPS = {"max_source_length": 64, "max_target_length": 8}
 
 
@@ -252,7 +252,7 @@ def main(argv=None) -> dict:
                   methods=methods, techniques=not args.skip_techniques)
     results["seconds"] = time.perf_counter() - started
     frames = tables(results)
-    # the tables as rows too, so that a reader of the JSON (notebook 13) shows them without importing this script
+    # the tables as rows too, so that a reader of the JSON (notebook 14) shows them without importing this script
     results["tables"] = {name: frame.to_dict(orient="records") for name, frame in zip(TABLES, frames)}
     out.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str))
     with pd.option_context("display.width", 200, "display.max_colwidth", 80):

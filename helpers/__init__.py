@@ -13,13 +13,13 @@ The modules form layers, read from the bottom up; a module imports only from mod
                  checks         lesson checks (strict only on the stand-in, so they ask models)
     training     checkpoints    complete-checkpoint markers
                  tuning         the Trainer recipe for every method, measured
-                 launching      running a script on several processes: launcher, environment, log (notebook 07)
-                 run_cache      train once, reuse the saved run (notebooks 05 and 10)
-                 export         merging and loading for inference; answer losses; reusing notebook 11's adapter in 12
+                 launching      running a script on several processes: launcher, environment, log (notebook 08)
+                 run_cache      train once, reuse the saved run (notebooks 06 and 11)
+                 export         merging and loading for inference; answer losses; reusing notebook 12's adapter in 13
     generation   metrics        BLEU-4 / ROUGE on text (no model)
                  generation     batched generation, the predictions file, accuracy, perplexity
                  rewards        reward functions; training and reading the reward model
-                 ppo            PPO's pieces; notebook 09's start (08's models, loaded or trained again)
+                 ppo            PPO's pieces; notebook 10's start (09's models, loaded or trained again)
     serving      chat           the chat loop
                  serving        the OpenAI-compatible server
 """

@@ -2,15 +2,15 @@
 
 The prompt is the course's multi-turn training format (`helpers.prompts.tokenize_conversation`),
 `<s>question1</s>answer1</s>question2</s>`, so the model sees at inference exactly what it was trained
-on, and answers until it emits `</s>`. Taught in notebooks/12_chat_and_api.ipynb (the widget is
-also used in notebooks/03_qlora_training.ipynb).
+on, and answers until it emits `</s>`. Taught in notebooks/13_chat_and_api.ipynb (the widget is
+also used in notebooks/04_qlora_training.ipynb).
 
     session = ChatSession(model, tokenizer)
     session.reply("What is 3 plus 4?", on_token=lambda piece: print(piece, end=""))
 
 From a terminal (lines on standard input; /reset forgets the history, /exit quits):
 
-    python -m helpers.chat --model EleutherAI/pythia-70m-deduped --adapter outputs/12_chat_and_api/adapter_chat
+    python -m helpers.chat --model EleutherAI/pythia-70m-deduped --adapter outputs/13_chat_and_api/adapter_chat
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def turns_to_messages(turns: list[dict]) -> list[dict]:
     {"role": "assistant", "content": ...}, ...]`, the shape `apply_chat_template` and TRL's SFTTrainer read.
 
     A turn whose answer is empty ends the list with its question: the prompt for that answer.
-    Taught in notebooks/12_chat_and_api.ipynb.
+    Taught in notebooks/13_chat_and_api.ipynb.
     """
     messages = []
     for turn in turns:
@@ -70,7 +70,7 @@ def template_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
     A tokenizer without a template (a base model, the stand-in as shipped) gets the course's
     (`helpers.standin.CHAT_TEMPLATE`), which gives exactly `conversation_prompt_ids`'s tokens.
-    Taught in notebooks/12_chat_and_api.ipynb.
+    Taught in notebooks/13_chat_and_api.ipynb.
     """
     from .standin import CHAT_TEMPLATE
 
@@ -163,7 +163,7 @@ class ChatSession:
 
     `history` is a list of {"human": ..., "assistant": ...} turns, the same shape as the course's
     `conversations` dataset. Sampling settings are the usual chat defaults; `do_sample=False` gives
-    greedy, reproducible replies. Taught in notebooks/12_chat_and_api.ipynb.
+    greedy, reproducible replies. Taught in notebooks/13_chat_and_api.ipynb.
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, do_sample: bool = True,
@@ -212,7 +212,7 @@ def chat_widget(session: ChatSession):
 
     Replies stream into the display as they are generated; the session keeps the history. Returns the
     box; its `.children` are (display, text field, send button, reset button) for driving it from code.
-    Taught in notebooks/12_chat_and_api.ipynb.
+    Taught in notebooks/13_chat_and_api.ipynb.
     """
     import html
 

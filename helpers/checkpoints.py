@@ -18,7 +18,7 @@ A folder without a valid marker is not a checkpoint:
     trainer = Trainer(..., callbacks=[CompleteCheckpointCallback()])
     trainer.train(resume_from_checkpoint=latest_complete_checkpoint(output_dir))  # None: start fresh
 
-Taught in notebooks/01_lora_basics.ipynb (resuming from a checkpoint); tests/test_reliability.py kills a
+Taught in notebooks/02_lora_training.ipynb (resuming from a checkpoint); tests/test_reliability.py kills a
 training process mid-run and mid-save and checks that resuming gives the same adapter and losses.
 Importing this module has no side effects (transformers is imported when the callback is created).
 """
@@ -197,7 +197,7 @@ def _make_callback_class():
         `on_step_end` runs after the Trainer decided to save but before it writes: an existing marker in
         the folder about to be (over)written is removed there. `on_save` runs after the weights,
         optimizer, scheduler, random states and trainer_state.json are written: the marker is written
-        then. Only the main process writes markers. Taught in notebooks/01_lora_basics.ipynb.
+        then. Only the main process writes markers. Taught in notebooks/02_lora_training.ipynb.
         """
 
         def on_step_end(self, args, state, control, **kwargs):

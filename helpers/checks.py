@@ -15,7 +15,7 @@ A check of a *time* (a speed-up, an overhead) never raises: a clock measures the
 code, so speed targets live in `benchmarks/` and a timing check only tells the reader what this run saw.
 
 `COURSE_CHECKS_STRICT=0|1` overrides when a ✗ raises; `COURSE_CHECKS_LOG=<file>` appends every check as a
-JSON line (the sweep reads them). Taught in notebooks/01_lora_basics.ipynb.
+JSON line (the sweep reads them). Taught in notebooks/02_lora_training.ipynb.
 """
 from __future__ import annotations
 

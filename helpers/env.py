@@ -26,7 +26,7 @@ def capped_steps(steps: int) -> int:
     For a first pass through a notebook on a slow machine, and for the test run's online-learner lane, which
     checks that every cell runs on a Pythia-shaped model rather than how well it learns (its 50k vocabulary makes
     each step several times dearer than the stand-in's). A capped run learns less: its lesson checks may say ✗.
-    Used by the configuration cells of notebooks 01-05 (README, "Which model you get").
+    Used by the configuration cells of notebooks 02-06 (README, "Which model you get").
     """
     value = os.environ.get("COURSE_MAX_STEPS", "").strip()
     if not value:
@@ -57,7 +57,7 @@ def course_seed(default: int = 42) -> int:
     """The seed a notebook trains with: `default`, unless `COURSE_SEED` says otherwise.
 
     The robustness sweep (`python -m benchmarks.robustness`) reruns the notebooks with other seeds to
-    measure how much a result moves; a learner can do the same. Taught in notebooks/01_lora_basics.ipynb.
+    measure how much a result moves; a learner can do the same. Taught in notebooks/02_lora_training.ipynb.
     """
     value = os.environ.get("COURSE_SEED", "").strip()
     if not value:
@@ -123,8 +123,8 @@ def bf16_supported(device=None) -> bool:
     bf16 is native. `torch.cuda.is_bf16_supported()` also says True on a T4 (7.5), where bf16 is only
     emulated and slow; older GPUs (T4, V100) train in fp16 with loss scaling instead. On a CPU: True,
     because PyTorch computes bf16 on any CPU (natively where AVX512-BF16 exists, emulated elsewhere).
-    Its answer is the bf16 line of `environment_report()` (notebooks/00_setup_and_tour.ipynb); notebooks 08
-    and 09 train in bf16 with it, and notebooks/03_qlora_training.ipynb explains the fp16 alternative.
+    Its answer is the bf16 line of `environment_report()` (notebooks/00_setup_and_tour.ipynb); notebooks 09
+    and 10 train in bf16 with it, and notebooks/04_qlora_training.ipynb explains the fp16 alternative.
     """
     import torch
 
@@ -199,11 +199,11 @@ def output_dir(name: str, clean: bool = True) -> Path:
     never mixes files of two runs. Taught in notebooks/00_setup_and_tour.ipynb.
     """
     if not isinstance(name, str):
-        raise TypeError(f"output_dir name must be a string such as the notebook's slug ('01_lora_basics'), "
+        raise TypeError(f"output_dir name must be a string such as the notebook's slug ('02_lora_training'), "
                         f"got {type(name).__name__}")
     if not name.strip() or Path(name).name != name or name in {".", ".."}:
         raise ValueError(f"output_dir name must be a plain folder name such as the notebook's slug "
-                         f"('01_lora_basics'), not a path; got {name!r}")
+                         f"('02_lora_training'), not a path; got {name!r}")
     path = OUTPUT_ROOT / name
     if clean and path.exists():
         shutil.rmtree(path)
@@ -216,8 +216,8 @@ def build_deepspeed_cpu_op() -> str:
 
     On a machine without CUDA, DeepSpeed builds its shared-memory all-reduce (`ShareMemCommBuilder`) with
     g++ the first time a process group starts, about 40 s on 2 cores, and caches it in
-    ~/.cache/torch_extensions (or TORCH_EXTENSIONS_DIR). `make install` calls this, so that notebook 07
-    and its tests start without that wait. Returns what it did. Taught in notebooks/07_multi_gpu_training.ipynb.
+    ~/.cache/torch_extensions (or TORCH_EXTENSIONS_DIR). `make install` calls this, so that notebook 08
+    and its tests start without that wait. Returns what it did. Taught in notebooks/08_multi_gpu_training.ipynb.
     """
     import importlib.util
 
@@ -254,7 +254,7 @@ if __name__ == "__main__":
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now (the OS picks it): for a launcher's rendezvous
-    (notebooks/07_multi_gpu_training.ipynb) or a server (notebooks/12_chat_and_api.ipynb)."""
+    (notebooks/08_multi_gpu_training.ipynb) or a server (notebooks/13_chat_and_api.ipynb)."""
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -264,7 +264,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def repo_relative(path) -> Path:
     """`path` as a reader types it: relative to the repository root when it is inside it (commands run from there),
-    else as it is, so that COURSE_OUTPUTS may point anywhere. Taught in notebooks/07_multi_gpu_training.ipynb."""
+    else as it is, so that COURSE_OUTPUTS may point anywhere. Taught in notebooks/08_multi_gpu_training.ipynb."""
     path = Path(path)
     try:
         return path.resolve().relative_to(REPO_ROOT)

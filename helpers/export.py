@@ -7,12 +7,12 @@
 
 A merged folder is a plain transformers model (safetensors shards + index + config + tokenizer): it
 loads without peft, in any tool that reads Hugging Face checkpoints. Taught in
-notebooks/11_merge_and_export.ipynb.
+notebooks/12_merge_and_export.ipynb.
 
-`answer_losses` scores a model's answers given their prompts (notebook 11 compares adapter blends with it,
-notebook 12 asks whether the chat history helps). `save_training_record` writes beside an adapter what trained
-it, and `reuse_or_train_adapter` copies such an adapter instead of training an equal one again: notebook 12
-reuses notebook 11's chat adapter this way, and still runs alone.
+`answer_losses` scores a model's answers given their prompts (notebook 12 compares adapter blends with it,
+notebook 13 asks whether the chat history helps). `save_training_record` writes beside an adapter what trained
+it, and `reuse_or_train_adapter` copies such an adapter instead of training an equal one again: notebook 13
+reuses notebook 12's chat adapter this way, and still runs alone.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def load_for_inference(model_name: str, adapter: str | Path | None = None, *, qu
     Without `merge` the adapter stays a separate branch (`PeftModel`): the base weights are untouched,
     which is what a quantized base needs. `merge=True` folds the adapter into 16/32-bit weights (faster,
     no peft at run time); merging into a quantized base is refused here, because it would round the
-    merged weights to 4 bits again (see lessons/11_merge_and_export.md).
-    Taught in notebooks/11_merge_and_export.ipynb.
+    merged weights to 4 bits again (see lessons/12_merge_and_export.md).
+    Taught in notebooks/12_merge_and_export.ipynb.
     """
     from .models import load_model, load_tokenizer
 
@@ -75,7 +75,7 @@ def merge_and_save(model_name: str, adapter: str | Path, output_dir: str | Path,
     `base_model` lets you pass the base weights to merge into (e.g. a dequantized 4-bit base for a
     QLoRA adapter); otherwise `model_name` is loaded unquantized in `dtype`. The tokenizer is saved
     beside the weights so the folder is self-contained. Returns the files written, sorted.
-    Taught in notebooks/11_merge_and_export.ipynb.
+    Taught in notebooks/12_merge_and_export.ipynb.
     """
     from peft import PeftModel
 
@@ -110,7 +110,7 @@ def answer_losses(model, tokenizer, prompts_and_answers, batch_size=16):
     """Negative log-likelihood per token of each answer (and its </s>) given its prompt ids: one value per answer.
 
     `prompts_and_answers` is a list of (prompt token ids, answer text). Returns a 1-D tensor, in order.
-    Taught in notebooks/11_merge_and_export.ipynb; notebook 12 uses it on chats with and without their history.
+    Taught in notebooks/12_merge_and_export.ipynb; notebook 13 uses it on chats with and without their history.
     """
     import torch
     import torch.nn.functional as F
@@ -139,7 +139,7 @@ def training_record(method: str, train_dataset, **finetune_arguments) -> dict:
     The method and its arguments (`output_dir` aside: only where the Trainer writes), the base model's files, a
     hash of the tokenized rows (input_ids and labels), the libraries, and the arithmetic that rounds the numbers
     (CPU kernel path, threads, the GPU): two equal records train the same adapter.
-    Taught in notebooks/11_merge_and_export.ipynb.
+    Taught in notebooks/12_merge_and_export.ipynb.
     """
     import hashlib
     import importlib.metadata
@@ -167,7 +167,7 @@ def training_record(method: str, train_dataset, **finetune_arguments) -> dict:
 def save_training_record(folder, result, train_dataset, **finetune_arguments) -> Path:
     """Write training.json into the adapter folder `folder`: the `training_record` of the run that trained it
     (`result`, finetune's FinetuneResult, with the arguments passed to finetune) and what the run measured
-    (losses, steps, seconds). Returns the file. Taught in notebooks/11_merge_and_export.ipynb.
+    (losses, steps, seconds). Returns the file. Taught in notebooks/12_merge_and_export.ipynb.
     """
     _check_adapter(folder)
     record = {"trained": training_record(result.method, train_dataset, **finetune_arguments),
@@ -183,8 +183,8 @@ def reuse_or_train_adapter(folder, method: str, train_dataset, *, reuse=None, **
 
     Returns what training.json says (the record and the run's losses, steps and seconds) with "reused_from": the
     folder copied, or None when the adapter was trained here (no `reuse`, no record there, or a different one: other
-    arguments, data, base model, libraries or arithmetic). Taught in notebooks/12_chat_and_api.ipynb, which reuses
-    notebook 11's chat adapter this way and trains it itself when opened first.
+    arguments, data, base model, libraries or arithmetic). Taught in notebooks/13_chat_and_api.ipynb, which reuses
+    notebook 12's chat adapter this way and trains it itself when opened first.
     """
     from .tuning import finetune
 

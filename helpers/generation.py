@@ -1,6 +1,6 @@
 """Generating answers in batches and scoring them: accuracy, predict-with-generate files, perplexity.
 
-Taught in notebooks/01_lora_basics.ipynb (before/after accuracy); notebooks/10_evaluation.ipynb
+Taught in notebooks/02_lora_training.ipynb (before/after accuracy); notebooks/11_evaluation.ipynb
 adds predict-with-generate (`predict_with_generate` writes the seeds' `generated_predictions.jsonl`,
 `score_predictions` scores that file with BLEU-4 and ROUGE from `helpers.metrics`), `match_choice` and
 `perplexity` on top of the same `generate`.
@@ -69,7 +69,7 @@ def match_choice(prediction: str, choices: list[str]) -> str | None:
     """The answer choice the prediction names after `normalize_answer`, or None if it names none exactly.
 
     Exact match only: a prediction that merely CONTAINS a choice (say, one that repeats the whole list of
-    options) matches nothing. Taught in notebooks/10_evaluation.ipynb.
+    options) matches nothing. Taught in notebooks/11_evaluation.ipynb.
     """
     if isinstance(choices, str) or not choices:
         raise ValueError(f"choices must be a non-empty list of strings, got {choices!r}")
@@ -87,7 +87,7 @@ def predict_with_generate(model, tokenizer, examples, path, *, prompt_column: st
     `generate`'s: batched, left padding, greedy unless `do_sample=True`. Each line of `path` is
     `{"prompt": ..., "predict": ..., "label": ...}` (LLaMA-Factory's `generated_predictions.jsonl`; ChatGLM
     Efficient Tuning wrote the same `predict`/`label` pairs). Returns the records written.
-    Taught in notebooks/10_evaluation.ipynb.
+    Taught in notebooks/11_evaluation.ipynb.
     """
     rows = list(examples)
     if not rows:
@@ -111,7 +111,7 @@ def predict_with_generate(model, tokenizer, examples, path, *, prompt_column: st
 def read_predictions(path) -> list[dict]:
     """Read a predictions file (JSON lines with string fields "predict" and "label"), checking every line.
 
-    Taught in notebooks/10_evaluation.ipynb.
+    Taught in notebooks/11_evaluation.ipynb.
     """
     records = []
     with Path(path).open(encoding="utf-8") as file:
@@ -134,7 +134,7 @@ def score_predictions(path, lang: str = "zh") -> dict[str, float]:
     """Score a predictions file: BLEU-4, ROUGE-1/2/L (the seeds' way, ×100) and exact-match accuracy (%).
 
     lang: "zh" (BLEU on characters, ROUGE on jieba words) or "en" (both on words); see helpers.metrics.
-    Reads the file, so what is scored is exactly what was saved. Taught in notebooks/10_evaluation.ipynb.
+    Reads the file, so what is scored is exactly what was saved. Taught in notebooks/11_evaluation.ipynb.
     """
 
     records = read_predictions(path)
@@ -154,7 +154,7 @@ def perplexity(model, tokenizer, texts: list[str], prompts: list[str] | None = N
     text): only the text and the EOS after it count, given the prompt, i.e. the training loss of
     `helpers.prompts.tokenize_prompt_response`. Token-weighted over the whole set (not a mean of per-batch
     means, which padding would skew). `max_length` cuts each sequence from the right.
-    Returns {"perplexity", "nll_per_token", "tokens"}. Taught in notebooks/10_evaluation.ipynb.
+    Returns {"perplexity", "nll_per_token", "tokens"}. Taught in notebooks/11_evaluation.ipynb.
     """
     import torch
     import torch.nn.functional as F

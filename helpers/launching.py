@@ -1,6 +1,6 @@
 """Launching a script on several processes from a notebook: the launcher, the environment, the port, the log.
 
-Taught in notebooks/07_multi_gpu_training.ipynb. A launcher (deepspeed, torchrun, accelerate launch) starts N copies of
+Taught in notebooks/08_multi_gpu_training.ipynb. A launcher (deepspeed, torchrun, accelerate launch) starts N copies of
 a script and tells each one who it is through environment variables; the notebook shows every command it runs. What
 is left is plumbing, kept here:
 
@@ -31,7 +31,7 @@ __all__ = ["Launcher", "executable", "free_port", "launch_env"]
 def executable(name: str) -> str:
     """The path of the command-line tool `name` (deepspeed, torchrun, accelerate) installed next to this Python, so
     that a notebook whose virtual environment is not activated launches the course's own versions; else the one on
-    the PATH. Taught in notebooks/07_multi_gpu_training.ipynb."""
+    the PATH. Taught in notebooks/08_multi_gpu_training.ipynb."""
     path = Path(sys.executable).parent / name
     found = str(path) if path.exists() else shutil.which(name)
     if found is None:
@@ -46,7 +46,7 @@ def launch_env(num_processes: int) -> dict[str, str]:
     Each process gets its share of the cores (OMP_NUM_THREADS = cores // processes; processes that each start a
     thread per core fight over them) and no tokenizer threads. With fewer GPUs than processes the processes run on
     the CPU: DS_ACCELERATOR=cpu tells DeepSpeed so and CUDA_VISIBLE_DEVICES="" hides a lone GPU, so that PyTorch's
-    gloo backend carries the traffic. Taught in notebooks/07_multi_gpu_training.ipynb.
+    gloo backend carries the traffic. Taught in notebooks/08_multi_gpu_training.ipynb.
     """
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
@@ -66,7 +66,7 @@ class Launcher:
     its name, not its path; `show` replaces it), then every output line that starts with `summary_prefix` (the
     training script's own summary, prefix removed), then the seconds and the log's path. The whole output goes to
     `<log_dir>/<name>.log`; a command that fails prints the log's last 30 lines and raises. `commands` keeps every
-    command as printed, by name. Taught in notebooks/07_multi_gpu_training.ipynb.
+    command as printed, by name. Taught in notebooks/08_multi_gpu_training.ipynb.
     """
 
     def __init__(self, log_dir, env: dict[str, str] | None = None, cwd=REPO_ROOT,

@@ -16,13 +16,13 @@ What each part of a training step keeps in memory, in bytes:
                with or without gradient checkpointing; the KV cache for inference
 ZeRO stages shard the optimizer states (1), the gradients (2) and the parameters (3) over devices.
 
-Taught in notebooks/02_nf4_quantization.ipynb (weights, quantization, LoRA, optimizer states; it writes
-`count_parameters_from_config`, `quantized_bytes` and `lora_parameters`), notebooks/06_deepspeed_zero.ipynb (it
+Taught in notebooks/03_nf4_quantization.ipynb (weights, quantization, LoRA, optimizer states; it writes
+`count_parameters_from_config`, `quantized_bytes` and `lora_parameters`), notebooks/07_deepspeed_zero.ipynb (it
 writes `zero_model_states`) and
-notebooks/13_speed_and_memory.ipynb (activations: it writes `activation_elements_per_token`, adds the estimate up
+notebooks/14_speed_and_memory.ipynb (activations: it writes `activation_elements_per_token`, adds the estimate up
 from the pieces and validates it against published measurements). A notebook cell that starts with
 `# saved in helpers/memory.py` holds the same code as the function here (tests/test_hygiene.py checks it): change
-both. The formulas and their sources are in lessons/13_speed_and_memory.md.
+both. The formulas and their sources are in lessons/14_speed_and_memory.md.
 """
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def count_parameters_from_config(config_or_name) -> dict:
     linear layers, what bitsandbytes quantizes), per_block_bias, norms (outside the blocks),
     quantizable (per_block_linear x layers), linear_layers (name, in, out, bias) of one block, and
     num_layers. bloom-7b1 gives 7,069,016,064 and pythia-70m 70,426,624.
-    Taught in notebooks/02_nf4_quantization.ipynb.
+    Taught in notebooks/03_nf4_quantization.ipynb.
     """
     a = architecture(config_or_name)
     h, L, V = a["hidden_size"], a["num_layers"], a["vocab_size"]
@@ -214,7 +214,7 @@ def count_parameters_from_config(config_or_name) -> dict:
 def quantized_bytes(n_in: int, n_out: int, weights: str) -> float:
     """Bytes of one quantized weight matrix (out x in), constants included: int8 (LLM.int8), int4 (ChatGLM's
     quantization_bit=4), nf4, nf4-dq (NF4 + double quantization). A 4096 x 4096 matrix in nf4-dq: 8,654,852 bytes.
-    Taught in notebooks/02_nf4_quantization.ipynb."""
+    Taught in notebooks/03_nf4_quantization.ipynb."""
     if weights not in ("int8", "int4", "nf4", "nf4-dq"):
         raise ValueError(f"weights must be one of ['int8', 'int4', 'nf4', 'nf4-dq'], got {weights!r}")
     n = n_in * n_out
@@ -234,7 +234,7 @@ def lora_parameters(config_or_name, r: int = 8, targets="all") -> int:
 
     targets: "all" (every linear layer of the blocks, the QLoRA recipe), "attention" (classic LoRA:
     the query/value or fused qkv projection, see helpers.models.LORA_TARGET_MODULES) or a list of
-    module names. Taught in notebooks/02_nf4_quantization.ipynb.
+    module names. Taught in notebooks/03_nf4_quantization.ipynb.
     """
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"lora_r must be a positive integer, got {r!r}")
@@ -272,7 +272,7 @@ def prefix_parameters(config_or_name, pre_seq_len: int = 16, prefix_projection: 
     layers*2*hidden), and with the projection the table is Embedding(N, kv) -> Linear(kv, H) -> Tanh
     -> Linear(H, kv), H = hidden_size. peft does the same for every grouped-query model (GLM-4, Mistral):
     its token_dim becomes head_dim * num_key_value_heads, and the projection's width defaults to it.
-    Taught in notebooks/04_ptuning_v2.ipynb."""
+    Taught in notebooks/05_ptuning_v2.ipynb."""
     a = architecture(config_or_name)
     if not isinstance(pre_seq_len, int) or pre_seq_len < 1:
         raise ValueError(f"pre_seq_len must be a positive integer, got {pre_seq_len!r}")
@@ -309,7 +309,7 @@ def zero_model_states(num_params: int, *, stage: int, num_devices: int, k: float
     keeps the optimizer states, and from stage 2 the gradient shards, in CPU memory; ZeRO-Infinity's
     offload_params (stage 3) moves the parameter shards there too. Returns bytes per device:
     params, gradients, optimizer, total, and cpu (what was offloaded, per device).
-    Taught in notebooks/06_deepspeed_zero.ipynb.
+    Taught in notebooks/07_deepspeed_zero.ipynb.
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -349,7 +349,7 @@ def activation_elements_per_token(config_or_name, seq_len: int = 512, attention:
                      + heads * (seq_len + prefix_len) softmax probabilities with eager attention
                      (memory-efficient SDPA / FlashAttention keep only a log-sum-exp per head)
       mlp            h (input) + 2i (GELU input and output) or 3i (SwiGLU gate, up and product)
-    Taught in notebooks/13_speed_and_memory.ipynb.
+    Taught in notebooks/14_speed_and_memory.ipynb.
     """
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention must be 'sdpa' (memory-efficient) or 'eager', got {attention!r}")
@@ -435,7 +435,7 @@ def estimate_memory(model, *, weights: str = "fp16", method: str = "lora", lora_
       (`zero_model_states`), and stage 3 shards the frozen weights too.
     Trainable parameters are fp32 with fp32 gradients (PEFT's default), except full fine-tuning of
     16-bit weights, which is mixed precision: 16-bit weights and gradients + an fp32 master copy.
-    Taught in notebooks/02_nf4_quantization.ipynb and notebooks/13_speed_and_memory.ipynb.
+    Taught in notebooks/03_nf4_quantization.ipynb and notebooks/14_speed_and_memory.ipynb.
     """
     _check("weights", weights, WEIGHT_FORMATS)
     _check("method", method, METHODS)
@@ -629,23 +629,23 @@ def _recipe_kwargs(stem: str, c: dict, dtype: str, path) -> dict:
     model, batch, seq, ckpt = _need(c, path, "MODEL", "BATCH_SIZE", "MAX_LENGTH", "GRADIENT_CHECKPOINTING")
     common = dict(batch_size=batch, seq_len=seq, gradient_checkpointing=ckpt, compute_dtype=dtype)
     lora = dict(lora_r=c.get("LORA_R", 8), lora_dropout=c.get("LORA_DROPOUT", 0.0))
-    if stem.startswith("01_"):    # LoRA over 16-bit weights
+    if stem.startswith("02_"):    # LoRA over 16-bit weights
         return dict(model=model, weights=dtype, method="lora", **lora, **common)
-    if stem.startswith("03_"):    # QLoRA: NF4 + double quantization, paged AdamW
+    if stem.startswith("04_"):    # QLoRA: NF4 + double quantization, paged AdamW
         return dict(model=model, weights="nf4-dq", method="qlora", **lora,
                     optimizer="paged-adamw-32bit", **common)
-    if stem.startswith("04_"):    # P-Tuning v2 or LoRA on a GLM model
+    if stem.startswith("05_"):    # P-Tuning v2 or LoRA on a GLM model
         if c.get("METHOD", "p-tuning-v2") == "lora":
             return dict(model=model, weights=dtype, method="lora", **lora, **common)
         return dict(model=model, weights=dtype, method="ptuning-v2", pre_seq_len=c["PRE_SEQ_LEN"],
                     prefix_projection=c.get("PREFIX_PROJECTION", False), **common)
-    if stem.startswith("07_"):    # DeepSpeed ZeRO over NUM_GPUS, full fine-tuning or LoRA
+    if stem.startswith("08_"):    # DeepSpeed ZeRO over NUM_GPUS, full fine-tuning or LoRA
         stage, gpus = _need(c, path, "ZERO_STAGE", "NUM_GPUS")
         if c.get("USE_LORA", False):
             return dict(model=model, weights=dtype, method="lora", **lora, zero_stage=stage,
                         num_devices=gpus, **common)
         return dict(model=model, weights=dtype, method="full", zero_stage=stage, num_devices=gpus, **common)
-    if stem.startswith("09_"):    # DPO with LoRA: chosen and rejected go through the model together
+    if stem.startswith("10_"):    # DPO with LoRA: chosen and rejected go through the model together
         return dict(model=model, weights=dtype, method="lora", **lora,
                     **(common | {"batch_size": 2 * batch}))
     raise ValueError(f"{path}: no memory model for this recipe; add its entry to helpers.memory._recipe_kwargs")
@@ -677,7 +677,7 @@ def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
 
     With full_size=True (the notebook's FULL_SIZE) and a profile `gpu` the recipe does not fit, raises
     RecipeWontFit with the prediction, the largest component and what to change: an hour before an out-of-memory
-    error would have said less. Taught in the recipe sections of notebooks 01, 03, 04, 07 and 09; the memory model in 02 and 13.
+    error would have said less. Taught in the recipe sections of notebooks 02, 04, 05, 08 and 10; the memory model in 03 and 14.
     """
     import pandas as pd
 
@@ -696,8 +696,8 @@ def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
         biggest = max(estimate.components, key=estimate.components.get)
         fits = [name for name in table.index if table.loc[name, "fits"] == "✓"]
         advice = {
-            "weights": "the weights alone are too big: quantize them (notebook 03's QLoRA recipe) or shard them "
-                       "over more GPUs (notebook 06's ZeRO-3)",
+            "weights": "the weights alone are too big: quantize them (notebook 04's QLoRA recipe) or shard them "
+                       "over more GPUs (notebook 07's ZeRO-3)",
             "activations": "lower BATCH_SIZE (raise GRADIENT_ACCUMULATION to keep the batch), shorten MAX_LENGTH, "
                            "or set GRADIENT_CHECKPOINTING = True",
         }.get(biggest, "train fewer parameters (LoRA), shard the states (ZeRO) or use an 8-bit optimizer")
@@ -710,7 +710,7 @@ def recipe_fit(path, gpu: str = "T4", *, full_size: bool = False):
 
 
 def recipes_table(folder=None) -> str:
-    """Markdown: every recipe's predicted peak GiB on every GPU profile (lesson 13's table)."""
+    """Markdown: every recipe's predicted peak GiB on every GPU profile (lesson 14's table)."""
     from pathlib import Path
 
     folder = Path(folder) if folder else Path(__file__).resolve().parents[1] / "recipes"

@@ -9,7 +9,7 @@ Chinese mode (the seeds' way, `lang="zh"`), per example, then averaged over the 
 
 Both are rounded to 4 decimals per example, as the seeds round them. English mode (`lang="en"`) uses the same
 formulas on words (`words()`: runs of letters and digits, CJK characters and punctuation marks one by one),
-because characters are the wrong unit for English. Taught in notebooks/10_evaluation.ipynb.
+because characters are the wrong unit for English. Taught in notebooks/11_evaluation.ipynb.
 
 Nothing here does anything on import; jieba is loaded (quietly) on first use.
 """
@@ -25,7 +25,7 @@ def check_pairs(predictions, references, references_name: str = "targets") -> No
     """Reject what no score can be computed from: single strings, unequal lengths, nothing to score.
 
     Shared by every scorer of the course (BLEU/ROUGE here, `choice_accuracy` in helpers.generation).
-    Taught in notebooks/01_lora_basics.ipynb.
+    Taught in notebooks/02_lora_training.ipynb.
     """
     if isinstance(predictions, str) or isinstance(references, str):
         raise TypeError(f"scores take two lists of strings (predictions, {references_name}), not single strings")

@@ -2,7 +2,7 @@
 
 `resolve_model` decides what `from_pretrained` gets: the real model when the Hub or the local cache
 has it, the course's own stand-in when neither does. Taught in notebooks/00_setup_and_tour.ipynb.
-LoRA target modules per family are taught in notebooks/01_lora_basics.ipynb.
+LoRA target modules per family are taught in notebooks/01_lora_from_scratch.ipynb.
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def _remote_code_kwargs(choice: ModelChoice, trust_remote_code: bool, revision: 
     """`trust_remote_code` and `revision` for from_pretrained, refusing to trust code that is not pinned.
 
     Code in a model repository runs with your rights when it is trusted; a branch name like "main" can
-    change under you, a commit hash cannot. Taught in lessons/01_lora_basics.md (families loaded with
+    change under you, a commit hash cannot. Taught in lessons/01_lora_from_scratch.md (families loaded with
     trust_remote_code).
     """
     if not isinstance(trust_remote_code, bool):
@@ -204,7 +204,7 @@ def load_model(name: str = DEFAULT_MODEL, *, quantization: str | None = None, dt
     Weights are loaded from safetensors only (never unpickled); `trust_remote_code` stays False unless
     you pass True with a pinned `revision` (a commit hash). With a CUDA GPU the model loads onto GPU 0 with
     `device_map` (never through CPU RAM); on a CPU it loads in float32 unless `dtype` says otherwise.
-    Taught in notebooks/00_setup_and_tour.ipynb; quantized loading in notebooks/03_qlora_training.ipynb.
+    Taught in notebooks/00_setup_and_tour.ipynb; quantized loading in notebooks/04_qlora_training.ipynb.
     """
     import torch
     import transformers
@@ -281,7 +281,7 @@ def keep_cpu_4bit_weights_trainable(model) -> int:
 
     The first no-grad forward in eval mode repacks each Linear4bit's weight for fast CPU inference,
     after which training fails or silently loses gradients (../shared/FACTS.md). Returns how many
-    layers were changed. Taught in notebooks/03_qlora_training.ipynb.
+    layers were changed. Taught in notebooks/04_qlora_training.ipynb.
     """
     import bitsandbytes as bnb
 
@@ -291,7 +291,7 @@ def keep_cpu_4bit_weights_trainable(model) -> int:
     return len(layers)
 
 
-# --- LoRA target modules per model family (taught in notebooks/01_lora_basics.ipynb) -----------
+# --- LoRA target modules per model family (taught in notebooks/01_lora_from_scratch.ipynb) -----------
 # "attention": what classic LoRA adapts (query/value, or the fused qkv projection);
 # "all": every linear layer of the transformer blocks, the QLoRA finding.
 LORA_TARGET_MODULES: dict[str, dict[str, list[str]]] = {
@@ -322,7 +322,7 @@ LORA_TARGET_MODULES: dict[str, dict[str, list[str]]] = {
 def lora_target_modules(model_or_type, which: str = "all") -> list[str]:
     """LoRA target module names for a model (or its `config.model_type`), "attention" or "all".
 
-    Taught in notebooks/01_lora_basics.ipynb.
+    Taught in notebooks/01_lora_from_scratch.ipynb.
     """
     if isinstance(model_or_type, str):
         model_type = model_or_type
@@ -372,7 +372,7 @@ def evaluating(model, tokenizer=None):
 
     Both are put back afterwards, also after an error, so a model in the middle of training goes on training.
     Left padding makes every row's last token its prompt's end, so the new tokens line up (right padding would
-    put pad tokens between a short prompt and its answer). Taught in notebooks/01_lora_basics.ipynb
+    put pad tokens between a short prompt and its answer). Taught in notebooks/02_lora_training.ipynb
     (helpers.generation.generate uses it).
     """
     was_training = model.training

@@ -1,7 +1,7 @@
 """PPO for a causal language model, written out one small function at a time.
 
 TRL removed its PPOTrainer (moved to trl.experimental in 0.26, gone from 1.13), so the course writes
-the algorithm itself. notebooks/08_rlhf.ipynb writes the algorithm's pieces in its cells, each checked on
+the algorithm itself. notebooks/09_rlhf.ipynb writes the algorithm's pieces in its cells, each checked on
 numbers worked out by hand (`kl_penalized_rewards`, `gae`, `whiten`, `clipped_policy_loss`, `value_loss`,
 `ppo_epochs`, `ppo_step`); a cell that starts with `# saved in helpers/ppo.py` must define the same code as
 this module (tests/test_hygiene.py compares them), which keeps them for the tests and for whoever imports
@@ -19,12 +19,12 @@ them. The plumbing (sampling, padding, the value head) is only here. One PPO ite
 `ppo_step` runs one iteration; `evaluate_policy` measures mean reward and KL on held-out prompts.
 Per-token tensors have shape (batch, response_length) and are aligned with the response tokens: entry
 [b, t] belongs to response token t, predicted from everything before it. The formulas are in
-lessons/08_rlhf.md. Taught in notebooks/08_rlhf.ipynb.
+lessons/09_rlhf.md. Taught in notebooks/09_rlhf.ipynb.
 
-notebooks/09_dpo_and_grpo.ipynb starts where notebook 08 ended: `save_rlhf_start` keeps 08's SFT model,
-reward model and PPO policy with the settings that made them, and `rlhf_start` gives them to notebook 09,
-loaded when notebook 08 saved them with the same settings, else trained again by `train_rlhf_start` with
-08's code (stages 1 to 3 as its cells run them).
+notebooks/10_dpo_and_grpo.ipynb starts where notebook 09 ended: `save_rlhf_start` keeps 09's SFT model,
+reward model and PPO policy with the settings that made them, and `rlhf_start` gives them to notebook 10,
+loaded when notebook 09 saved them with the same settings, else trained again by `train_rlhf_start` with
+09's code (stages 1 to 3 as its cells run them).
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ from .models import evaluating
 # --- configuration -------------------------------------------------------------------------------
 @dataclass
 class PPOConfig:
-    """PPO's knobs. Defaults are the values of the PPO paper / TRL's old PPOTrainer (see lessons/08_rlhf.md).
+    """PPO's knobs. Defaults are the values of the PPO paper / TRL's old PPOTrainer (see lessons/09_rlhf.md).
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
 
     batch_size: int = 16          # prompts per rollout
@@ -86,7 +86,7 @@ class PPOConfig:
 
 # --- small tensor helpers ------------------------------------------------------------------------
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`). Taught in notebooks/08_rlhf.ipynb."""
+    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`). Taught in notebooks/09_rlhf.ipynb."""
     if values.shape != mask.shape:
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must have the same shape")
     mask = mask.to(values.dtype)
@@ -98,7 +98,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Normalize the masked entries to mean 0 and standard deviation 1 (population std); others become 0.
 
-    With `shift_mean=False` only the scale changes. Taught in notebooks/08_rlhf.ipynb.
+    With `shift_mean=False` only the scale changes. Taught in notebooks/09_rlhf.ipynb.
     """
     mean = masked_mean(values, mask)
     var = masked_mean((values - mean) ** 2, mask)
@@ -111,7 +111,7 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under softmax(logits): (B, T, V) logits and (B, T) tokens -> (B, T).
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -119,7 +119,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """1.0 on each response token up to and including the first EOS, 0.0 on what generate padded after it.
 
-    A response without EOS (cut at max_new_tokens) keeps every token. Taught in notebooks/08_rlhf.ipynb.
+    A response without EOS (cut at max_new_tokens) keeps every token. Taught in notebooks/09_rlhf.ipynb.
     """
     is_eos = (responses == eos_token_id).long()
     eos_before = is_eos.cumsum(dim=1) - is_eos  # how many EOS came strictly before this position
@@ -129,7 +129,7 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: 0 at each row's first real token (what `generate` uses).
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -140,7 +140,7 @@ class PolicyWithValueHead(torch.nn.Module):
 
     The value head predicts, at every position, the return still to come; sharing the transformer with
     the policy (as TRL's AutoModelForCausalLMWithValueHead and the seed did) saves a second model. The
-    head starts at zero, so the first values are 0. Taught in notebooks/08_rlhf.ipynb.
+    head starts at zero, so the first values are 0. Taught in notebooks/09_rlhf.ipynb.
     """
 
     def __init__(self, model):
@@ -193,7 +193,7 @@ def rollout(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, temp
     """Sample one response per prompt from the policy (top_k=0, top_p=1: the distribution as it is).
 
     Prompts are padded on the left so every response starts at the same column. Taught in
-    notebooks/08_rlhf.ipynb.
+    notebooks/09_rlhf.ipynb.
     """
     if isinstance(prompts, str) or not prompts:
         raise ValueError("rollout takes a non-empty list of prompts")
@@ -222,7 +222,7 @@ def policy_forward(policy: PolicyWithValueHead, ro: Rollout):
 def response_logprobs(model, ro: Rollout, return_logits: bool = False):
     """log p(response token) under `model` (the frozen reference, or any causal LM), shape (B, R).
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     ids, attention = ro.full()
     if isinstance(model, PolicyWithValueHead):
@@ -242,7 +242,7 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
 
     Returns (rewards, kl), both (B, R) and 0 outside the mask. The KL term is paid token by token, so the
     policy learns where it drifted; the reward model's score arrives once, at the end of the response.
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
@@ -267,7 +267,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         returns = A + V                                 (the value head's regression target)
 
     Returns (advantages, returns), 0 outside the mask. lam=1 gives Monte-Carlo returns minus the value,
-    lam=0 the one-step TD error. Taught in notebooks/08_rlhf.ipynb.
+    lam=0 the one-step TD error. Taught in notebooks/09_rlhf.ipynb.
     """
     if not (rewards.shape == values.shape == mask.shape):
         raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask {tuple(mask.shape)} "
@@ -294,7 +294,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     ratio = pi_new(a_t) / pi_old(a_t). Taking the max of the two losses (the min of the two objectives)
     removes any gain from moving the ratio beyond 1 +/- eps in the direction the advantage favours.
     Returns (loss, stats) with the share of clipped tokens and an estimate of KL(old || new).
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -314,7 +314,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     """Clipped value loss: 0.5 * mean over tokens of max((V - R)^2, (V_clipped - R)^2).
 
     V_clipped = V_old + clip(V - V_old, -c, c) keeps one minibatch from moving the value far from the
-    estimate the advantages were computed with. Taught in notebooks/08_rlhf.ipynb.
+    estimate the advantages were computed with. Taught in notebooks/09_rlhf.ipynb.
     """
     if clip_range_value <= 0:
         raise ValueError(f"clip_range_value must be > 0, got {clip_range_value}")
@@ -325,7 +325,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 def minibatch_indices(n: int, minibatch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """A shuffled partition of range(n) into minibatches of `minibatch_size` (the last may be smaller).
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     if n < 1 or minibatch_size < 1:
         raise ValueError(f"need n >= 1 and minibatch_size >= 1, got n={n}, minibatch_size={minibatch_size}")
@@ -339,7 +339,7 @@ def ppo_epochs(policy: PolicyWithValueHead, optimizer, ro: Rollout, old_logprobs
     """`config.ppo_epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
 
     Loss per minibatch = clipped_policy_loss + vf_coef * value_loss, gradients clipped to max_grad_norm.
-    Returns one stats dict per optimizer step. Taught in notebooks/08_rlhf.ipynb.
+    Returns one stats dict per optimizer step. Taught in notebooks/09_rlhf.ipynb.
     """
     n = ro.responses.shape[0]
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -369,7 +369,7 @@ def ppo_step(policy: PolicyWithValueHead, ref_model, tokenizer, prompts: list[st
     `reward_fn(prompts, responses) -> tensor of scores` (e.g. a reward model through
     helpers.rewards.score_with_reward_model, or a rule). `ref_model` is the frozen model the KL penalty
     is measured against. Returns the iteration's statistics (mean score, mean KL, losses...).
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     if len(prompts) != config.batch_size:
         raise ValueError(f"ppo_step got {len(prompts)} prompts, config.batch_size is {config.batch_size}")
@@ -397,7 +397,7 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) 
 
     sum_t sum_v pi(v | s_t) * (log pi(v | s_t) - log pi_ref(v | s_t)), one value per row (B,). Lower
     variance than the sampled estimate log pi(a_t) - log pi_ref(a_t), which is what the reward pays.
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     logp = F.log_softmax(logits.float(), dim=-1)
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
@@ -412,7 +412,7 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts: list[str], reward_fn,
 
     Sampling (not greedy) so the KL is that of the policy's own distribution; the fixed seed makes two
     evaluations comparable. Returns mean_score, mean_kl (exact, `full_kl`), the responses and scores.
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     cpu_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -434,8 +434,8 @@ def evaluate_policy(policy, ref_model, tokenizer, prompts: list[str], reward_fn,
 
 
 
-# --- notebook 09 starts where notebook 08 ended --------------------------------------------------
-# The configuration keys of notebook 08 that shape its SFT model, reward model and PPO policy. Evaluation
+# --- notebook 10 starts where notebook 09 ended --------------------------------------------------
+# The configuration keys of notebook 09 that shape its SFT model, reward model and PPO policy. Evaluation
 # settings (eval_every, eval_prompts) are not among them: they measure the models without changing them.
 START_KEYS = ("model_name", "dataset", "dev_ratio", "max_new_tokens", "lora_r", "lora_alpha", "sft_method",
               "sft_steps", "sft_learning_rate", "rm_steps", "rm_batch_size", "rm_learning_rate", "ppo_iterations",
@@ -445,7 +445,7 @@ START_FILE = "rlhf_start.json"  # written last by save_rlhf_start: a folder with
 
 @dataclass
 class RLHFStart:
-    """What notebook 09 starts from: notebook 08's three models, and where they came from."""
+    """What notebook 10 starts from: notebook 09's three models, and where they came from."""
 
     tokenizer: object
     sft_model: object             # stage 1, merged: where DPO and GRPO start
@@ -458,17 +458,17 @@ class RLHFStart:
 
 
 def start_settings(config: dict, train) -> dict:
-    """The settings that shape notebook 08's three models: its START_KEYS, the base model that loads for
+    """The settings that shape notebook 09's three models: its START_KEYS, the base model that loads for
     `config["model_name"]` (the stand-in's files hashed) and the training rows, hashed.
 
-    Two runs with equal settings train the same models. Taught in notebooks/08_rlhf.ipynb (its last section).
+    Two runs with equal settings train the same models. Taught in notebooks/09_rlhf.ipynb (its last section).
     """
     from .models import resolve_model
     from .run_cache import model_fingerprint
 
     missing = [key for key in START_KEYS if key not in config]
     if missing:
-        raise KeyError(f"the configuration lacks {missing}: notebook 08's stages 1-3 need every key of START_KEYS")
+        raise KeyError(f"the configuration lacks {missing}: notebook 09's stages 1-3 need every key of START_KEYS")
     model = model_fingerprint(resolve_model(config["model_name"]))  # the stand-in: its files' hashes, not its path
     rows = json.dumps(train.to_list(), ensure_ascii=False, sort_keys=True).encode()
     return {**{key: config[key] for key in START_KEYS}, "model": model,
@@ -476,11 +476,11 @@ def start_settings(config: dict, train) -> dict:
 
 
 def save_rlhf_start(folder, config: dict, train, *, reward_model, ppo_model, times: dict) -> Path:
-    """Save notebook 08's reward model and PPO policy (LoRA adapters) beside its SFT model (`folder/sft_merged`,
+    """Save notebook 09's reward model and PPO policy (LoRA adapters) beside its SFT model (`folder/sft_merged`,
     saved in stage 1), then `rlhf_start.json` with the settings that made them, last.
 
     `ppo_model` is the policy without its value head (`policy.model`). Returns the manifest's path.
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     folder = Path(folder)
     if not (folder / "sft_merged" / "config.json").is_file():
@@ -501,7 +501,7 @@ def load_rlhf_start(folder, config: dict, train) -> RLHFStart:
     """The three models `save_rlhf_start` saved in `folder`, if they were trained with `config`'s settings.
 
     Raises FileNotFoundError when the folder holds no complete start, ValueError naming the settings that
-    differ. Taught in notebooks/08_rlhf.ipynb; notebooks/09_dpo_and_grpo.ipynb loads its start with it.
+    differ. Taught in notebooks/09_rlhf.ipynb; notebooks/10_dpo_and_grpo.ipynb loads its start with it.
     """
     from peft import PeftModel
 
@@ -510,7 +510,7 @@ def load_rlhf_start(folder, config: dict, train) -> RLHFStart:
 
     folder = Path(folder)
     if not (folder / START_FILE).is_file():
-        raise FileNotFoundError(f"{repo_relative(folder)} holds no {START_FILE}: notebook 08 has not finished a "
+        raise FileNotFoundError(f"{repo_relative(folder)} holds no {START_FILE}: notebook 09 has not finished a "
                                 "run there")
     saved = json.loads((folder / START_FILE).read_text())
     differ = _settings_differ(saved["settings"], start_settings(config, train))
@@ -528,12 +528,12 @@ def load_rlhf_start(folder, config: dict, train) -> RLHFStart:
 
 def train_ppo_policy(sft_model, reference, tokenizer, prompts: list[str], reward_fn, config: PPOConfig,
                      iterations: int, *, lora_r: int, lora_alpha: int, seed: int):
-    """Stage 3 of notebooks/08_rlhf.ipynb, as its cells run it, without the held-out evaluations.
+    """Stage 3 of notebooks/09_rlhf.ipynb, as its cells run it, without the held-out evaluations.
 
     A fresh LoRA adapter (no dropout) on a copy of the SFT model plus a value head, AdamW with a cosine
     schedule (2 warm-up iterations), the prompts in one seeded order, `iterations` calls of `ppo_step`.
     Returns (policy, history: one statistics dict per iteration). The same code as the notebook's cells: change
-    both. Taught in notebooks/08_rlhf.ipynb.
+    both. Taught in notebooks/09_rlhf.ipynb.
     """
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -562,13 +562,13 @@ def train_ppo_policy(sft_model, reference, tokenizer, prompts: list[str], reward
 
 
 def train_rlhf_start(config: dict, train, out) -> RLHFStart:
-    """Notebook 08's stages 1 to 3 with its code, written into `out` as notebook 08 writes them.
+    """Notebook 09's stages 1 to 3 with its code, written into `out` as notebook 09 writes them.
 
     1. SFT on the chosen replies (`helpers.tuning.finetune`), merged into one plain model, saved in
        `out/sft_merged`; a frozen copy is the reference. 2. The reward model (`helpers.rewards.train_reward_model`).
     3. PPO against it (`train_ppo_policy`). Then `save_rlhf_start(out, ...)`, so the run can be loaded again.
-    `config` holds notebook 08's START_KEYS; `train` is its training split. On a CPU the models equal notebook
-    08's, weight for weight, when the settings are equal. Taught in notebooks/08_rlhf.ipynb.
+    `config` holds notebook 09's START_KEYS; `train` is its training split. On a CPU the models equal notebook
+    09's, weight for weight, when the settings are equal. Taught in notebooks/09_rlhf.ipynb.
     """
     from .models import load_tokenizer
     from .prompts import tokenize_dataset
@@ -616,20 +616,20 @@ def train_rlhf_start(config: dict, train, out) -> RLHFStart:
 
 
 def rlhf_start(config: dict, train, out, saved=None) -> RLHFStart:
-    """Notebook 08's SFT model, reward model and PPO policy for notebook 09: loaded from `saved` (default
-    outputs/08_rlhf/) when notebook 08 finished a run there with the same settings (`start_settings`), else
-    trained into `out` with notebook 08's code (`train_rlhf_start`). Says which, and why.
+    """Notebook 09's SFT model, reward model and PPO policy for notebook 10: loaded from `saved` (default
+    outputs/09_rlhf/) when notebook 09 finished a run there with the same settings (`start_settings`), else
+    trained into `out` with notebook 09's code (`train_rlhf_start`). Says which, and why.
 
-    Taught in notebooks/08_rlhf.ipynb; used by notebooks/09_dpo_and_grpo.ipynb.
+    Taught in notebooks/09_rlhf.ipynb; used by notebooks/10_dpo_and_grpo.ipynb.
     """
     from .env import OUTPUT_ROOT
 
-    saved = Path(saved) if saved is not None else OUTPUT_ROOT / "08_rlhf"
+    saved = Path(saved) if saved is not None else OUTPUT_ROOT / "09_rlhf"
     try:
         start = load_rlhf_start(saved, config, train)
     except (FileNotFoundError, ValueError) as why:
-        print(f"Not reusing notebook 08's models: {why}.\nTraining them here with notebook 08's code "
-              "(its stages 1-3; run notebook 08 first to skip this):")
+        print(f"Not reusing notebook 09's models: {why}.\nTraining them here with notebook 09's code "
+              "(its stages 1-3; run notebook 09 first to skip this):")
         return train_rlhf_start(config, train, out)
-    print(f"Notebook 08's SFT model, reward model and PPO policy, {start.source} (trained with these settings).")
+    print(f"Notebook 09's SFT model, reward model and PPO policy, {start.source} (trained with these settings).")
     return start

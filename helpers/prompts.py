@@ -2,7 +2,7 @@
 
 Labels are -100 (ignored by the loss) on every prompt token, so the model is trained to answer, not
 to repeat the question. Taught in notebooks/00_setup_and_tour.ipynb; the multi-turn format
-`<s>input1</s>target1</s>input2</s>target2</s>` is used in notebooks/03_qlora_training.ipynb.
+`<s>input1</s>target1</s>input2</s>target2</s>` is used in notebooks/04_qlora_training.ipynb.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def lengths_from_data(tokenizer, *datasets, fmt: str | None = None) -> dict[str,
     max_source_length: the longest prompt; max_target_length: the longest response + EOS (nothing is cut);
     max_new_tokens: the longest response + ANSWER_ROOM (to see whether generation stops after the answer).
     The same text is 1 token per character for the course's stand-in and 1 to 3 for Pythia's byte-level BPE.
-    Taught in notebooks/01_lora_basics.ipynb (the data cell).
+    Taught in notebooks/02_lora_training.ipynb (the data cell).
     """
     if not datasets:
         raise ValueError("lengths_from_data needs at least one dataset")
@@ -141,7 +141,7 @@ def tokenize_conversation(tokenizer, turns: list[dict], max_length: int | None =
 
     `<s>`/`</s>` are the tokenizer's BOS/EOS tokens (for BLOOM literally `<s>` and `</s>`). Cut to
     `max_length` tokens from the right; a `max_length` that would leave no response token to train on
-    is an error. Taught in notebooks/03_qlora_training.ipynb.
+    is an error. Taught in notebooks/04_qlora_training.ipynb.
     """
     _check_length("max_length", max_length)
     if isinstance(turns, (str, dict)) or not hasattr(turns, "__len__"):

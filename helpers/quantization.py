@@ -5,9 +5,9 @@
 prediction of `helpers.memory.estimate_memory` can be checked against the real thing.
 `preferred_compute_dtype` picks bf16 only where the GPU computes it natively.
 
-Taught in notebooks/03_qlora_training.ipynb (the bytes of a model loaded in 4 bits against the prediction from its
+Taught in notebooks/04_qlora_training.ipynb (the bytes of a model loaded in 4 bits against the prediction from its
 configuration, the fp16 pitfall of older GPUs); NF4 and double quantization themselves are built from scratch in
-notebooks/02_nf4_quantization.ipynb.
+notebooks/03_nf4_quantization.ipynb.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def weight_bytes(model) -> dict[str, int]:
                                 per distinct tensor; bitsandbytes keeps a copy per layer (64 bytes
                                 and 1 KiB; not in "weights")
       "buffers"                 non-parameter tensors such as rotary frequencies (not in "weights")
-    Taught in notebooks/03_qlora_training.ipynb.
+    Taught in notebooks/04_qlora_training.ipynb.
     """
     import torch
 
@@ -77,7 +77,7 @@ def preferred_compute_dtype(device=None):
     bf16 on GPUs that compute it natively (compute capability 8.0 and up: A100, A10, L4, RTX 30/40,
     H100); fp16 on older GPUs (T4, V100), where bf16 is only emulated and slow; fp32 on a CPU, where
     bitsandbytes and the course's tiny models train in full precision. On fp16 GPUs train with
-    `fp16=True` and keep the trainable parameters in fp32 (peft does): see notebooks/03_qlora_training.ipynb.
+    `fp16=True` and keep the trainable parameters in fp32 (peft does): see notebooks/04_qlora_training.ipynb.
     """
     import torch
 

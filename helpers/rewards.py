@@ -1,15 +1,15 @@
 """Rewards for RLHF: a verifiable reward (is the gold answer there?) and reward-model scores.
 
-Two kinds of reward drive notebooks/08_rlhf.ipynb and notebooks/09_dpo_and_grpo.ipynb:
+Two kinds of reward drive notebooks/09_rlhf.ipynb and notebooks/10_dpo_and_grpo.ipynb:
 
 - a *learned* reward: a sequence-classification model trained on preference pairs (Bradley–Terry),
-  trained as notebook 08's stage 2 does it (`train_reward_model`) and read with `score_with_reward_model`
+  trained as notebook 09's stage 2 does it (`train_reward_model`) and read with `score_with_reward_model`
   exactly as TRL's `RewardTrainer` fed it during training (prompt + response + EOS, one score at the last token);
 - a *verifiable* reward: `is_correct` checks the gold `answer` of the course's tasks (arithmetic,
-  ordering numbers, translation, which department) by a rule, so GRPO (notebook 09) can train without any
+  ordering numbers, translation, which department) by a rule, so GRPO (notebook 10) can train without any
   reward model and every method can be scored for task correctness.
 
-Taught in notebooks/08_rlhf.ipynb; the theory is in lessons/08_rlhf.md and lessons/09_dpo_and_grpo.md.
+Taught in notebooks/09_rlhf.ipynb; the theory is in lessons/09_rlhf.md and lessons/10_dpo_and_grpo.md.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ _NUMBER_LIST = re.compile(r"^-?\d+(\s*,\s*-?\d+)*$")
 def extract_numbers(text: str) -> list[int]:
     """Every integer in `text`, in order ("28 减 6 等于 22。" -> [28, 6, 22]).
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     return [int(n) for n in _NUMBER.findall(unicodedata.normalize("NFKC", text or ""))]
 
@@ -41,7 +41,7 @@ def is_correct(completion: str, answer: str) -> bool:
       `helpers.generation.normalize_answer` (NFKC, lower case, spaces and punctuation removed); an ASCII
       answer must also be a whole word, so "ear" does not pass inside "heart".
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     if not isinstance(answer, str) or not answer.strip():
         raise ValueError(f"answer must be a non-empty string (the gold answer of the task), got {answer!r}")
@@ -72,7 +72,7 @@ def correctness_reward(prompts=None, completions=None, answer=None, **kwargs) ->
 
     GRPOTrainer calls reward functions with keyword arguments: `prompts`, `completions` and every other
     dataset column, so the `answer` column of `preference_pairs` arrives as `answer` (one per completion).
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     if completions is None or answer is None:
         raise ValueError("correctness_reward needs `completions` and `answer` (a dataset column with the gold answers)")
@@ -90,7 +90,7 @@ def partial_credit(completion: str, answer: str) -> float:
     - text answers: 1.0 or 0.0, as `is_correct`.
 
     A tiny policy rarely gets an answer exactly right, and GRPO learns nothing from a group whose rewards
-    are all equal; partial credit gives it a gradient. Taught in notebooks/08_rlhf.ipynb.
+    are all equal; partial credit gives it a gradient. Taught in notebooks/09_rlhf.ipynb.
     """
     if is_correct(completion, answer):
         return 1.0
@@ -110,7 +110,7 @@ def partial_credit(completion: str, answer: str) -> float:
 def partial_credit_reward(prompts=None, completions=None, answer=None, **kwargs) -> list[float]:
     """`partial_credit` per completion, with the keyword signature TRL's `GRPOTrainer` calls reward functions with.
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     if completions is None or answer is None:
         raise ValueError("partial_credit_reward needs `completions` and `answer` (a dataset column with the gold answers)")
@@ -120,7 +120,7 @@ def partial_credit_reward(prompts=None, completions=None, answer=None, **kwargs)
 
 
 def correctness_rate(completions: list[str], answers: list[str]) -> float:
-    """Share of completions that `is_correct`, in percent. Taught in notebooks/08_rlhf.ipynb."""
+    """Share of completions that `is_correct`, in percent. Taught in notebooks/09_rlhf.ipynb."""
     if not answers:
         raise ValueError("no examples to score")
     return 100.0 * sum(correctness_reward(completions=completions, answer=answers)) / len(answers)
@@ -129,7 +129,7 @@ def correctness_rate(completions: list[str], answers: list[str]) -> float:
 def reward_model_texts(tokenizer, prompts: list[str], responses: list[str]) -> list[str]:
     """What the reward model reads: prompt + response + EOS, the way TRL's RewardTrainer built its inputs.
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     if isinstance(prompts, str) or isinstance(responses, str):
         raise TypeError("prompts and responses must be lists of strings")
@@ -144,7 +144,7 @@ def score_with_reward_model(model, tokenizer, prompts: list[str], responses: lis
     """The reward model's scalar score for each (prompt, response), as a float32 CPU tensor.
 
     The sequence-classification head reads the hidden state of the last non-padding token, which is the
-    EOS that `reward_model_texts` appends. Taught in notebooks/08_rlhf.ipynb.
+    EOS that `reward_model_texts` appends. Taught in notebooks/09_rlhf.ipynb.
     """
     import torch
 
@@ -162,7 +162,7 @@ def score_with_reward_model(model, tokenizer, prompts: list[str], responses: lis
 def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
     """Share of pairs where the chosen answer outscores the rejected one, in percent (chance is 50).
 
-    Taught in notebooks/08_rlhf.ipynb.
+    Taught in notebooks/09_rlhf.ipynb.
     """
     if len(chosen_scores) != len(rejected_scores):
         raise ValueError(f"{len(chosen_scores)} chosen scores for {len(rejected_scores)} rejected scores")
@@ -174,14 +174,14 @@ def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
 
 def train_reward_model(sft_dir, tokenizer, pairs, *, output_dir, max_steps: int, batch_size: int,
                        learning_rate: float, lora_r: int, lora_alpha: int, seed: int):
-    """Stage 2 of notebooks/08_rlhf.ipynb, as its cell runs it: a reward model trained on preference pairs.
+    """Stage 2 of notebooks/09_rlhf.ipynb, as its cell runs it: a reward model trained on preference pairs.
 
     The SFT model in `sft_dir` with a new one-output score head (`head="sequence-classification"`), LoRA on
     every linear layer (`task_type="SEQ_CLS"` also trains the score head), TRL's `RewardTrainer` (Bradley–Terry
     loss) on `pairs`' prompt, chosen and rejected columns; bf16 only on a GPU that computes it natively.
     Returns (reward_model in eval mode, a peft model; seconds spent training). The same code as the notebook's
-    cell: change both. Taught in notebooks/08_rlhf.ipynb; notebooks/09_dpo_and_grpo.ipynb trains it with this
-    when notebook 08's saved one is not there.
+    cell: change both. Taught in notebooks/09_rlhf.ipynb; notebooks/10_dpo_and_grpo.ipynb trains it with this
+    when notebook 09's saved one is not there.
     """
     import time
 

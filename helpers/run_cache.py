@@ -2,11 +2,11 @@
 
     model, tokenizer, info = train_or_load("ptuning-v2", **comparison_arguments(SMOKE))
 
-Infrastructure, not a lesson: notebook 05 uses it to compare the methods, notebook 10 to score the same runs
+Infrastructure, not a lesson: notebook 06 uses it to compare the methods, notebook 11 to score the same runs
 without training them again. Its public surface is `train_or_load`, `load_cached_run`, `cache_key`,
-`cache_root`, `model_fingerprint` (which model files a run saw; notebook 12's adapter reuse checks it too) and the
+`cache_root`, `model_fingerprint` (which model files a run saw; notebook 13's adapter reuse checks it too) and the
 comparison's settings (`comparison_arguments`, `comparison_steps`); the rest (the other fingerprints,
-the atomic rename) is private. Taught in notebooks/05_comparing_methods.ipynb.
+the atomic rename) is private. Taught in notebooks/06_comparing_methods.ipynb.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from .prompts import tokenize_dataset
 from .tuning import DEFAULT_LR, METHODS, finetune, prepare_model, repair_prefix_generation
 
-# Notebook 05 trains every method once; notebook 10 (BLEU/ROUGE) calls `train_or_load` with the same
+# Notebook 06 trains every method once; notebook 11 (BLEU/ROUGE) calls `train_or_load` with the same
 # arguments (comparison_arguments) and gets the same runs back from outputs/cache/.
 CACHE_VERSION = 1  # bump when a change to the training code makes older cached runs stale
 TRAIN_OR_LOAD_DEFAULTS = {
@@ -37,10 +37,10 @@ TRAIN_OR_LOAD_DEFAULTS = {
 }
 ADAPTER_METHODS = ("lora", "qlora", "ptuning-v2")  # saved as peft adapters; freeze/full as whole models
 _NOT_CACHE_ARGUMENTS = {"output_dir", "model", "tokenizer", "resume_from_checkpoint"}
-# The comparison's optimizer steps: at test size (the smoke run) and at a learner's size. Notebook 05
-# trains with these; 10 passes the same value to `train_or_load` and gets the same runs back.
+# The comparison's optimizer steps: at test size (the smoke run) and at a learner's size. Notebook 06
+# trains with these; 11 passes the same value to `train_or_load` and gets the same runs back.
 # 120 at test size: at 60, Freeze and P-Tuning v2 sometimes still gave one answer to every question (a knife
-# edge that fell differently on different CPUs); the sweep in lessons/05_comparing_methods.md is at 120.
+# edge that fell differently on different CPUs); the sweep in lessons/06_comparing_methods.md is at 120.
 COMPARISON_STEPS = {"smoke": 120, "learner": 300}
 COMPARISON_SEED = 42
 
@@ -50,23 +50,23 @@ def comparison_steps(smoke: bool) -> int:
 
     COURSE_MAX_STEPS caps it (helpers.env.capped_steps).
 
-    Taught in notebooks/05_comparing_methods.ipynb; notebook 10 reuses its runs with it.
+    Taught in notebooks/06_comparing_methods.ipynb; notebook 11 reuses its runs with it.
     """
 
     return capped_steps(COMPARISON_STEPS["smoke" if smoke else "learner"])
 
 
-# The rest of the comparison's training settings, as notebook 05's configuration cell shows them.
+# The rest of the comparison's training settings, as notebook 06's configuration cell shows them.
 COMPARISON = {"dataset": "promptcblue_ctc", "model_name": DEFAULT_MODEL, "batch_size": 8, "lora_r": 8,
               "pre_seq_len": 16, "num_trainable_layers": 2}
 
 
 def comparison_arguments(smoke: bool) -> dict:
-    """`train_or_load`'s arguments (besides the method) of notebook 05's comparison, once for every notebook that
-    reuses its saved runs: the cache finds a run only when every argument is equal (notebook 10 passes these).
+    """`train_or_load`'s arguments (besides the method) of notebook 06's comparison, once for every notebook that
+    reuses its saved runs: the cache finds a run only when every argument is equal (notebook 11 passes these).
 
-    The seed is COMPARISON_SEED unless COURSE_SEED says (helpers.env.course_seed), as in notebook 05.
-    Taught in notebooks/05_comparing_methods.ipynb.
+    The seed is COMPARISON_SEED unless COURSE_SEED says (helpers.env.course_seed), as in notebook 06.
+    Taught in notebooks/06_comparing_methods.ipynb.
     """
 
     return {**COMPARISON, "max_steps": comparison_steps(smoke), "seed": course_seed(COMPARISON_SEED)}
@@ -242,8 +242,8 @@ def train_or_load(method: str, *, dataset: str = "promptcblue_ctc", max_steps: i
     back from that folder, so a fresh run and a cached one behave the same. info["from_cache"] says
     which happened; info["path"] where it lives.
 
-    Notebook 05 trains the comparison; 10 reuses it by passing the same arguments (comparison_arguments).
-    Taught in notebooks/05_comparing_methods.ipynb.
+    Notebook 06 trains the comparison; 11 reuses it by passing the same arguments (comparison_arguments).
+    Taught in notebooks/06_comparing_methods.ipynb.
     """
 
     lengths = {k: finetune_kwargs.get(k, default) for k, default in TRAIN_OR_LOAD_DEFAULTS.items()}

@@ -1,6 +1,6 @@
 """A small OpenAI-compatible chat-completions server for a (tuned) model: FastAPI + uvicorn + sse-starlette.
 
-    python -m helpers.serving --model EleutherAI/pythia-70m-deduped --adapter outputs/12_chat_and_api/adapter_chat --port 8000
+    python -m helpers.serving --model EleutherAI/pythia-70m-deduped --adapter outputs/13_chat_and_api/adapter_chat --port 8000
 
 Endpoints (the request and response shapes of OpenAI's Chat Completions API, so its clients work):
   GET  /v1/models             the one model served
@@ -14,7 +14,7 @@ Endpoints (the request and response shapes of OpenAI's Chat Completions API, so 
                               lines ending with `data: [DONE]`.
 Bad requests get a 4xx status and an OpenAI-style {"error": {"message", "type", "param", "code"}} body,
 and the server keeps serving. The server binds to loopback addresses only: it has no authentication.
-Requests are answered one at a time (one model, one lock). Taught in notebooks/12_chat_and_api.ipynb.
+Requests are answered one at a time (one model, one lock). Taught in notebooks/13_chat_and_api.ipynb.
 """
 from __future__ import annotations
 

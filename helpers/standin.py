@@ -34,7 +34,7 @@ PRETRAINING = dict(steps=1000, batch_size=16, block_size=128, lr=2e-3, warmup=10
 # The course's conversation format as a chat template (Jinja, what `tokenizer.apply_chat_template` renders):
 # `<s>q1</s>a1</s>q2</s>`, the tokens of helpers.prompts.tokenize_conversation, which every course chat trains on.
 # The `{% generation %}` block marks the answers (and their </s>), the tokens that format trains on, for
-# `return_assistant_tokens_mask=True` (TRL's `assistant_only_loss`). Taught in notebooks/12_chat_and_api.ipynb.
+# `return_assistant_tokens_mask=True` (TRL's `assistant_only_loss`). Taught in notebooks/13_chat_and_api.ipynb.
 CHAT_TEMPLATE = r"""
 {#- <s> and </s> are the tokenizer's BOS and EOS. A system (or developer) message has no slot of its own in the
     course's format: it goes in front of the next user message, on a line of its own. The prompt already ends where
@@ -71,7 +71,7 @@ def add_chat_template(tokenizer, template: str = CHAT_TEMPLATE):
 
     `apply_chat_template(messages)` then renders the format the course's chats are trained on, and
     `save_pretrained` writes the template beside the tokenizer (`chat_template.jinja`), so an exported folder
-    carries it. The weights are not touched. Taught in notebooks/12_chat_and_api.ipynb.
+    carries it. The weights are not touched. Taught in notebooks/13_chat_and_api.ipynb.
     """
     tokenizer.chat_template = template
     return tokenizer
@@ -166,7 +166,7 @@ def build(out_dir: Path = STANDIN_DIR, steps: int = PRETRAINING["steps"], corpus
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    add_chat_template(tokenizer)  # apply_chat_template renders the course's format (notebooks 11 and 12)
+    add_chat_template(tokenizer)  # apply_chat_template renders the course's format (notebooks 12 and 13)
     tokenizer.save_pretrained(out_dir)
     summary = {"corpus": str(corpus.relative_to(REPO_ROOT)) if corpus.is_relative_to(REPO_ROOT) else str(corpus),
                "corpus_tokens": n_tokens, "architecture": ARCHITECTURE, "pretraining": cfg,
@@ -195,10 +195,10 @@ TINY_GLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_
 def build_tiny_glm(out_dir: Path, seed: int = 0) -> Path:
     """Save a RANDOMLY INITIALISED tiny GlmForCausalLM (TINY_GLM) with the stand-in's tokenizer to `out_dir`.
 
-    It runs notebook 04's GLM-4 recipe (recipes/04_glm_ptuning.py) end to end on a CPU in seconds: loading,
+    It runs notebook 05's GLM-4 recipe (recipes/05_glm_ptuning.py) end to end on a CPU in seconds: loading,
     P-Tuning v2 or LoRA, training, checkpoints, reloading, generation. Its weights are random, so what it
     trains tests the code path and learns nothing. The caller's random state is left as it was.
-    Taught in notebooks/04_ptuning_v2.ipynb.
+    Taught in notebooks/05_ptuning_v2.ipynb.
     """
     import torch
     from transformers import AutoTokenizer, GlmConfig, GlmForCausalLM

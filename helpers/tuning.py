@@ -2,8 +2,8 @@
 
     result = finetune("lora", train_set, output_dir=out, max_steps=60)
 
-Methods: "lora" (notebooks/01_lora_basics.ipynb), "qlora" (notebooks/03_qlora_training.ipynb), and
-"ptuning-v2", "freeze", "full" (notebooks/05_comparing_methods.ipynb), which compares all of them.
+Methods: "lora" (notebooks/02_lora_training.ipynb), "qlora" (notebooks/04_qlora_training.ipynb), and
+"ptuning-v2", "freeze", "full" (notebooks/06_comparing_methods.ipynb), which compares all of them.
 The 🤗 Trainer does the loop; this module prepares the model, builds the TrainingArguments and measures the
 run. Training once and reusing the run in later notebooks is helpers.run_cache.
 """
@@ -24,7 +24,7 @@ DEFAULT_LR = {
     "qlora": 2e-3,       # QLoRA paper: 2e-4
     # ChatGLM P-Tuning v2: 2e-2. Exploratory runs on the stand-in (2026-12-02, 60 steps, seeds 1-5): 2e-2 mostly
     # collapsed to one answer (10-17% of the test split; a constant answer scores 10.4%), 1e-2 reached 11-26% and
-    # 5e-3 13-24%. At 120 steps, 1e-2 is swept in lessons/05_comparing_methods.md.
+    # 5e-3 13-24%. At 120 steps, 1e-2 is swept in lessons/06_comparing_methods.md.
     "ptuning-v2": 1e-2,
     "freeze": 1e-3,      # ChatGLM Efficient Tuning freeze: 1e-4 to 5e-5
     "full": 5e-4,        # full fine-tuning: 1e-5
@@ -80,9 +80,9 @@ def repair_prefix_generation(model):
     prefix is dropped without an error and the model answers as if it had never been tuned, while
     training, which goes through `forward`, is unaffected. This moves the prefix into `cache` at the
     first step and drops peft's fresh copy at the later ones. Other models are returned untouched, and
-    so is everything once peft passes the prefix as `cache` itself. Notebook 04 checks that `generate`
+    so is everything once peft passes the prefix as `cache` itself. Notebook 05 checks that `generate`
     scores the first new token exactly as `forward` does.
-    Taught in notebooks/04_ptuning_v2.ipynb.
+    Taught in notebooks/05_ptuning_v2.ipynb.
     """
     from peft import PeftModel, PeftType
 
@@ -162,7 +162,7 @@ def expected_training_time(model, batch: dict, steps: int, gradient_accumulation
 
     One forward and backward pass (the optimizer's update is small beside it), with the random state saved and
     restored and the gradients cleared, so the run that follows is exactly the run it would have been. The first
-    step pays some one-off costs, so the estimate errs long. Taught in notebooks/01_lora_basics.ipynb.
+    step pays some one-off costs, so the estimate errs long. Taught in notebooks/02_lora_training.ipynb.
     """
     import torch
 
@@ -195,7 +195,7 @@ def training_arguments(output_dir, *, max_steps: int, learning_rate: float, batc
     Cosine schedule with a warm-up of max_steps // 20 (at least 1) unless `warmup_steps` says, no weight decay,
     the data order seeded like the weights, checkpoints only when `save_steps` is given, the CPU when there is
     no CUDA GPU, and nothing reported anywhere. `more` goes to `TrainingArguments` as it is (deepspeed=, fp16=,
-    bf16=, ddp_find_unused_parameters=, ...). Taught in notebooks/01_lora_basics.ipynb.
+    bf16=, ddp_find_unused_parameters=, ...). Taught in notebooks/02_lora_training.ipynb.
     """
     import torch
     from transformers import TrainingArguments
@@ -260,7 +260,7 @@ def finetune(method: str, train_dataset, *, output_dir, model_name: str = DEFAUL
         learning_rate=learning_rate or DEFAULT_LR[method], seed=seed, logging_steps=logging_steps,
         save_steps=save_steps, save_total_limit=save_total_limit, optim=optim,
         gradient_checkpointing=gradient_checkpointing and method != "ptuning-v2", group_by_length=group_by_length,
-        quiet=quiet, max_grad_norm=max_grad_norm)  # the QLoRA paper clips at 0.3 (notebooks/03_qlora_training.ipynb)
+        quiet=quiet, max_grad_norm=max_grad_norm)  # the QLoRA paper clips at 0.3 (notebooks/04_qlora_training.ipynb)
     # Saved checkpoints get a completion marker, so a run killed mid-save never resumes from a
     # half-written folder; `resume_from_checkpoint=True` means the latest *complete* one.
     from .checkpoints import CompleteCheckpointCallback, latest_complete_checkpoint

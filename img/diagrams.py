@@ -115,7 +115,7 @@ def heading(ax, height, title: str, caption: str, width: int):
 # The numbers the pictures show
 # ---------------------------------------------------------------------------------------------
 
-NF4_OFFSET = 0.9677083  # bitsandbytes' create_normal_map: the outermost quantile used (lesson 02, section 1)
+NF4_OFFSET = 0.9677083  # bitsandbytes' create_normal_map: the outermost quantile used (lesson 03, section 1)
 
 
 def _quantile_probabilities(n: int) -> list[float]:
@@ -188,19 +188,20 @@ def first_fit(lengths: list[int], block: int) -> list[list[int]]:
 # (number, name in README's table, one-line topic, part of the course)
 COURSE = [
     ("00", "Setup and tour", "environment, base model, tokenizer, data, loss mask", "start"),
-    ("01", "LoRA basics", "LoRA from scratch = peft; r, α, targets; Trainer", "peft"),
-    ("02", "NF4 and double quantization", "NF4 and double quantization = bitsandbytes; memory from a config", "peft"),
-    ("03", "QLoRA training", "4-bit base + LoRA on chats; paged AdamW; the 7B recipe", "peft"),
-    ("04", "P-Tuning v2", "prefixes in every layer, from scratch = peft; the GLM-4 recipe", "peft"),
-    ("05", "Four methods in one table", "LoRA vs P-Tuning v2 vs Freeze vs full; merging checkpoints", "peft"),
-    ("06", "DeepSpeed ZeRO", "what each GPU keeps in stages 0–3; the config", "scale"),
-    ("07", "Multi-GPU training", "2-process runs, checkpoints, launchers", "scale"),
-    ("08", "RLHF: reward model and PPO", "a reward model; PPO written out", "align"),
-    ("09", "DPO and GRPO", "preference tuning without PPO; three methods compared", "align"),
-    ("10", "Evaluation", "BLEU-4, Chinese ROUGE, accuracy, perplexity", "use"),
-    ("11", "Merge and export", "merged safetensors, 4-bit bases, PiSSA, TIES/DARE", "use"),
-    ("12", "Chat and API", "chat templates, a chat box, an OpenAI-compatible server", "use"),
-    ("13", "Speed and memory", "memory model, tokens/s, padding vs packing", "scale"),
+    ("01", "LoRA from scratch", "LoRA = peft, in a layer and a model; r, α, targets; rsLoRA, DoRA", "peft"),
+    ("02", "Fine-tuning with LoRA", "the Trainer; learned or not; save, merge, resume; the recipe", "peft"),
+    ("03", "NF4 and double quantization", "NF4 and double quantization = bitsandbytes; memory from a config", "peft"),
+    ("04", "QLoRA training", "4-bit base + LoRA on chats; paged AdamW; the 7B recipe", "peft"),
+    ("05", "P-Tuning v2", "prefixes in every layer, from scratch = peft; the GLM-4 recipe", "peft"),
+    ("06", "Four methods in one table", "LoRA vs P-Tuning v2 vs Freeze vs full; merging checkpoints", "peft"),
+    ("07", "DeepSpeed ZeRO", "what each GPU keeps in stages 0–3; the config", "scale"),
+    ("08", "Multi-GPU training", "2-process runs, checkpoints, launchers", "scale"),
+    ("09", "RLHF: reward model and PPO", "a reward model; PPO written out", "align"),
+    ("10", "DPO and GRPO", "preference tuning without PPO; three methods compared", "align"),
+    ("11", "Evaluation", "BLEU-4, Chinese ROUGE, accuracy, perplexity", "use"),
+    ("12", "Merge and export", "merged safetensors, 4-bit bases, PiSSA, TIES/DARE", "use"),
+    ("13", "Chat and API", "chat templates, a chat box, an OpenAI-compatible server", "use"),
+    ("14", "Speed and memory", "memory model, tokens/s, padding vs packing", "scale"),
 ]
 PARTS = {"start": ("getting started", YELLOW, "#B8A800"), "peft": ("parameter-efficient tuning", SKY, SKY),
          "scale": ("memory, devices, speed", ORANGE, ORANGE), "align": ("learning from preferences", GREEN, GREEN),

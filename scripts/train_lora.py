@@ -1,7 +1,7 @@
 """Fine-tune the course model on promptcblue_ctc through the 🤗 Trainer, with LoRA or every weight, on one or many processes.
 
-The notebook-01 recipe as a script, so that a launcher can start it once per device. Taught in
-notebooks/07_multi_gpu_training.ipynb (theory: lessons/07_multi_gpu_training.md). `--use_lora false` (the training
+The notebook-02 recipe as a script, so that a launcher can start it once per device. Taught in
+notebooks/08_multi_gpu_training.ipynb (theory: lessons/08_multi_gpu_training.md). `--use_lora false` (the training
 kit's flag) trains every weight instead: full fine-tuning, whose states are what ZeRO shards. The same file runs:
 
     python scripts/train_lora.py --output_dir outputs/run                        # 1 process
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_lora.py",
         description="LoRA or full fine-tuning of a causal LM with the 🤗 Trainer; launch it with python, torchrun, "
-                    "deepspeed or accelerate launch (notebooks/07_multi_gpu_training.ipynb).",
+                    "deepspeed or accelerate launch (notebooks/08_multi_gpu_training.ipynb).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("model and data")
     data.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr_scheduler_type", default="cosine")
     train.add_argument("--optim", default="adamw_torch_fused",
                        help="🤗 TrainingArguments' default; helpers.tuning.finetune uses adamw_torch (the same AdamW, unfused)")
-    train.add_argument("--warmup_steps", type=int, default=None, help="default: max_steps // 10, as notebook 01")
+    train.add_argument("--warmup_steps", type=int, default=None, help="default: max_steps // 10, as notebook 02")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help='what "gradient_clipping": "auto" becomes')
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--logging_steps", type=int, default=1)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         train = load_dataset(args.dataset, split="train")
         if args.max_train_samples:
             train = train.select(range(min(args.max_train_samples, len(train))))
-        if args.max_source_length is None or args.max_target_length is None:  # measured, as notebook 01 does
+        if args.max_source_length is None or args.max_target_length is None:  # measured, as notebook 02 does
             measured = lengths_from_data(tokenizer, train)  # the format travels with the data's columns
             args.max_source_length = args.max_source_length or measured["max_source_length"]
             args.max_target_length = args.max_target_length or measured["max_target_length"]

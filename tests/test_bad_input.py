@@ -42,7 +42,7 @@ def test_own_data_file_without_a_format(tmp_path):
         load_dataset(str(path))
 
 
-@pytest.mark.parametrize("name", ["/no/such/model", "./my-model", "outputs/01_lora_basics/merged"])
+@pytest.mark.parametrize("name", ["/no/such/model", "./my-model", "outputs/02_lora_training/merged"])
 def test_missing_model_folder(name):
     with pytest.raises(FileNotFoundError, match=r"no such model folder .*Hub id.*'namespace/name'"):
         resolve_model(name)

@@ -58,7 +58,7 @@ def test_padding_fraction():
 
 
 def test_quick_benchmark_prints_and_writes_json(tmp_path):
-    # Notebook 13 runs the whole `--quick` benchmark and checks its batching and checkpointing
+    # Notebook 14 runs the whole `--quick` benchmark and checks its batching and checkpointing
     # ratios; here the command line, the JSON and the memory model's band are checked on two methods.
     out = tmp_path / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -73,17 +73,17 @@ def test_quick_benchmark_prints_and_writes_json(tmp_path):
     assert results["batching"] == results["techniques"] == [] and results["gradient_checkpointing"] is None
     for m in results["methods"]:
         assert m["tokens_per_s"] > 0 and m["peak_mib"] > 0
-        # the band notebook 13 checks on the full quick run; a model that drifts past it is wrong
+        # the band notebook 14 checks on the full quick run; a model that drifts past it is wrong
         assert 0.7 < m["predicted_over_measured"] < 1.4, m
-    # LoRA r=8 on every linear layer trains a few percent of the model (notebook 13 prints the share; QLoRA's total
+    # LoRA r=8 on every linear layer trains a few percent of the model (notebook 14 prints the share; QLoRA's total
     # counts its 4-bit weights as bitsandbytes packs them, two to an element, so only LoRA's is a model's count)
     lora = next(m for m in results["methods"] if m["method"] == "lora")
     assert 20 * lora["trainable"] < lora["total"], lora
 
 
-@pytest.mark.parametrize("seed", [42, 1, 2, 3, 4, 5])  # notebook 13's seed, and the robustness sweep's
+@pytest.mark.parametrize("seed", [42, 1, 2, 3, 4, 5])  # notebook 14's seed, and the robustness sweep's
 def test_padding_shares_of_the_course_data(seed):
-    # Notebook 13's batching table, from the data alone (what benchmarks/run.py computes beside its timed runs):
+    # Notebook 14's batching table, from the data alone (what benchmarks/run.py computes beside its timed runs):
     # padding to max_source + max_target wastes a third of the positions, grouping by length almost none.
     from benchmarks.batching import padding_fraction
     from benchmarks.run import SIZES, fixed_lengths

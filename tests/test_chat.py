@@ -1,6 +1,6 @@
 """helpers.chat and helpers.export: the chat prompt format, streamed replies, the widget, the terminal chat
-(notebook 12); merging and blending adapters, answer losses, reusing an adapter another notebook trained (notebooks 11
-and 12)."""
+(notebook 13); merging and blending adapters, answer losses, reusing an adapter another notebook trained (notebooks 12
+and 13)."""
 import io
 import os
 import subprocess
@@ -211,14 +211,14 @@ def test_adapter_loads_kept_separate_or_merged_with_the_same_logits(loaded, adap
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     keys = [key for shard in sorted((tmp_path / "merged").glob("*.safetensors")) for key in safe_open(shard, "pt").keys()]
-    assert keys and not [key for key in keys if "lora" in key]  # merged: no adapter tensor left (notebook 11)
+    assert keys and not [key for key in keys if "lora" in key]  # merged: no adapter tensor left (notebook 12)
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("3 加 4")["input_ids"] == tok("3 加 4")["input_ids"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert max_logit_difference(separate, reloaded, ids) < 1e-4
 
 
 def test_weighted_adapters_cat_is_the_weighted_sum_linear_is_not_and_dare_drops_a_share(tmp_path):
-    """Notebook 11, section 5: peft's add_weighted_adapter on two LoRA adapters. `cat` is exactly the weighted sum of
+    """Notebook 12, section 5: peft's add_weighted_adapter on two LoRA adapters. `cat` is exactly the weighted sum of
     the updates, `linear` is not (cross terms); DARE at density 1 is `linear`; at density d a share of about (1 - d)^2
     of a DARE merge's factor entries is zero (an entry is zero only where both adapters dropped it)."""
     import math
@@ -257,7 +257,7 @@ def test_weighted_adapters_cat_is_the_weighted_sum_linear_is_not_and_dare_drops_
 
 
 def test_answer_losses_are_each_answers_mean_loss_given_its_prompt(loaded):
-    """Notebooks 11 and 12: answer_losses gives, per answer, the model's own loss with labels on the answer and its
+    """Notebooks 12 and 13: answer_losses gives, per answer, the model's own loss with labels on the answer and its
     </s> only, whether the answers are scored in one padded batch or one by one."""
     model, tok = loaded
     items = [(conversation_prompt_ids(tok, [], question)[0], answer) for question, answer in
@@ -274,8 +274,8 @@ def test_answer_losses_are_each_answers_mean_loss_given_its_prompt(loaded):
 
 
 def test_reuse_or_train_adapter_copies_only_an_adapter_trained_the_same_way(tmp_path):
-    """Notebook 12 copies notebook 11's chat adapter when its training.json is the record of the very training notebook
-    12 would run, and trains otherwise (no adapter there, other arguments, an unreadable record). Both paths, and what
+    """Notebook 13 copies notebook 12's chat adapter when its training.json is the record of the very training notebook
+    13 would run, and trains otherwise (no adapter there, other arguments, an unreadable record). Both paths, and what
     the copy relies on: the same call trains the same adapter again."""
     from safetensors.torch import load_file
 

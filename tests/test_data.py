@@ -114,7 +114,7 @@ def test_ctc_labels_balance_and_disjoint_splits():
 
 
 def test_ctc_prompts_list_every_label_so_a_leaked_prompt_contains_it():
-    # Notebook 10, section 6b: a prediction that keeps the prompt contains the label every time (the prompt's
+    # Notebook 11, section 6b: a prediction that keeps the prompt contains the label every time (the prompt's
     # options line lists all ten), and never matches it exactly (the answer is scored on its first line)
     from helpers.generation import choice_accuracy
 

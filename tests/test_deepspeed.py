@@ -1,6 +1,6 @@
 """DeepSpeed configs, the training script's arguments, and the ZeRO formulas against DeepSpeed's estimator and a run.
 
-Taught in notebooks/06_deepspeed_zero.ipynb (the formulas, the configs) and notebooks/07_multi_gpu_training.ipynb (the
+Taught in notebooks/07_deepspeed_zero.ipynb (the formulas, the configs) and notebooks/08_multi_gpu_training.ipynb (the
 script, the launches). Every config in configs/deepspeed/ goes through DeepSpeed's own
 parser after the 🤗 Trainer has filled its "auto" values, exactly as a launch would. Full fine-tuning
 (`--use_lora false`) runs under ZeRO-2 and ZeRO-3 on 2 CPU processes (about half a minute), and the bytes each
@@ -77,7 +77,7 @@ def test_all_configs_share_the_seeds_precision_and_batch_fields():
 
 
 def test_the_seeds_min_loss_scale_is_rejected(tmp_path):
-    """The training kit's file had min_loss_scale 1e-10; DeepSpeed 0.19 requires an integer (lesson 06)."""
+    """The training kit's file had min_loss_scale 1e-10; DeepSpeed 0.19 requires an integer (lesson 07)."""
     from pydantic import ValidationError
 
     config = json.loads((CONFIG_DIR / "zero2.json").read_text())
@@ -120,7 +120,7 @@ def test_zero_formulas_match_deepspeeds_estimator_up_to_its_documented_extras(de
 
 
 def test_only_stage_3_fits_llama_65b_full_finetuning_on_80gb_devices():
-    """Notebook 06, section 1: stages 0-2 never fit 65B on 80 GB devices; stages 1-2 stay above their floor."""
+    """Notebook 07, section 1: stages 0-2 never fit 65B on 80 GB devices; stages 1-2 stay above their floor."""
     from helpers.memory import count_parameters_from_config, zero_model_states
 
     psi = count_parameters_from_config("huggyllama/llama-65b")["total"]
@@ -132,7 +132,7 @@ def test_only_stage_3_fits_llama_65b_full_finetuning_on_80gb_devices():
 
 
 def test_with_lora_zero2_shards_little_and_zero3_divides_the_frozen_weights():
-    """Notebook 06, section 1: LLaMA-7B, fp16, LoRA r=8, 8 devices."""
+    """Notebook 07, section 1: LLaMA-7B, fp16, LoRA r=8, 8 devices."""
     from helpers.memory import estimate_memory
 
     def states(stage):
@@ -162,7 +162,7 @@ def test_deepspeed_counts_a_live_model_as_the_course_counts_its_config():
     assert largest == 512 * 64  # an embedding (input or output): the largest layer
 
 
-# --- helpers.launching: what notebook 07's launches go through ----------------------------------------------
+# --- helpers.launching: what notebook 08's launches go through ----------------------------------------------
 def test_launch_env_gives_each_process_its_share_of_the_cores(monkeypatch):
     import torch
 
@@ -282,7 +282,7 @@ def test_engine_names_what_runs_the_loop(script, name, world_size, engine):
     assert script.engine(str(CONFIG_DIR / name) if name else None, world_size) == engine
 
 
-# --- full fine-tuning on two CPU processes (notebook 07): what each rank holds, against the formula -------
+# --- full fine-tuning on two CPU processes (notebook 08): what each rank holds, against the formula -------
 STANDIN = REPO_ROOT / "models" / "tiny-neox-standin"  # the course's 2.2M-parameter GPT-NeoX, in the repository
 
 

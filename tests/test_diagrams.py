@@ -117,7 +117,7 @@ def test_bits_per_parameter_as_the_qlora_paper_counts():
 
 
 def test_zero_memory_is_the_papers_figure_1():
-    """Ψ = 7.5B, N = 64, K = 12: 120, 31.4, 16.6 and 1.9 GB (Rajbhandari et al., Figure 1; lesson 06's table)."""
+    """Ψ = 7.5B, N = 64, K = 12: 120, 31.4, 16.6 and 1.9 GB (Rajbhandari et al., Figure 1; lesson 07's table)."""
     diagrams = _diagrams()
     gb = [round(diagrams.zero_bytes_per_device(stage, 7.5e9, 64) / 1e9, 1) for stage in range(4)]
     assert gb == [120.0, 31.4, 16.6, 1.9]

@@ -101,7 +101,7 @@ def test_rslora_keeps_the_update_level_as_r_grows_while_lora_shrinks_it(tiny_neo
 
 @pytest.mark.parametrize("flags", [{"use_rslora": True}, {"use_dora": True}], ids=["rslora", "dora"])
 def test_a_trained_variant_changes_the_logits_and_disable_adapter_gives_the_base_back(tiny_neox, flags):
-    """Notebook 01 trains rsLoRA and DoRA with the Trainer and reads them with the adapter on and off."""
+    """Notebook 02 trains rsLoRA and DoRA with the Trainer and reads them with the adapter on and off."""
     base = tiny_neox()
     ids = torch.tensor([[3, 7, 11, 2, 5]])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""GLM-4 (transformers' GlmForCausalLM) with peft's prefix tuning; recipes/04_glm_ptuning.py on a tiny random GLM."""
+"""GLM-4 (transformers' GlmForCausalLM) with peft's prefix tuning; recipes/05_glm_ptuning.py on a tiny random GLM."""
 import copy
 import re
 import shutil
@@ -14,7 +14,7 @@ from helpers.env import REPO_ROOT
 from helpers.standin import TINY_GLM, build_tiny_glm
 from helpers.tuning import repair_prefix_generation
 
-RECIPE = REPO_ROOT / "recipes" / "04_glm_ptuning.py"
+RECIPE = REPO_ROOT / "recipes" / "05_glm_ptuning.py"
 DATA = REPO_ROOT / "data" / "promptcblue_ctc" / "train.json"
 PROMPT = "请对下面这条临床试验入组或排除条件进行分类。\n经临床诊断为肝硬化\n答："
 
@@ -87,7 +87,7 @@ def test_recipe_trains_saves_resumes_and_reloads(tiny_glm, tmp_path):
     assert (out / "checkpoint-3").is_dir()  # skipped, not deleted: nothing already written is lost
     assert torch.equal(load_file(str(out / "adapter_model.safetensors"))["prompt_embeddings"], uninterrupted)
 
-    # The saved prefix reloads, and generate sees it once repaired (notebook 04, section 1).
+    # The saved prefix reloads, and generate sees it once repaired (notebook 05, section 1).
     tokenizer = AutoTokenizer.from_pretrained(out)
     glm = repair_prefix_generation(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_glm), str(out)))
     enc = tokenizer([PROMPT], return_tensors="pt")

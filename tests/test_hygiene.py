@@ -18,10 +18,10 @@ NOTEBOOKS_BY_NAME = {path.name: path for path in NOTEBOOKS}
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 REPOSITORY = PYPROJECT["urls"]["Repository"]
 # What each notebook's setup cell installs on Colab beyond the course itself (pyproject's optional parts).
-COLAB_EXTRAS = {"06_deepspeed_zero.ipynb": "[deepspeed]", "07_multi_gpu_training.ipynb": "[deepspeed]"}
+COLAB_EXTRAS = {"07_deepspeed_zero.ipynb": "[deepspeed]", "08_multi_gpu_training.ipynb": "[deepspeed]"}
 # Notebooks whose full-size run needs a GPU (README's table): Colab opens them on a GPU runtime. T4 is the GPU
 # every Colab user can get; the notebook names the larger GPU its full-size recipe wants.
-COLAB_GPU = {"03_qlora_training.ipynb"}
+COLAB_GPU = {"04_qlora_training.ipynb"}
 DOCUMENTS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "lessons").glob("*.md")), REPO_ROOT / "CONTRIBUTING.md",
              REPO_ROOT / "data" / "README.md"]
 
@@ -218,7 +218,7 @@ def test_setup_cell_installs_the_course_on_colab_and_leaves_torch_alone(tmp_path
     # Offline: every requirement is already there, and the course builds with the setuptools already installed.
     # (pip reads PIP_NO_BUILD_ISOLATION=0 as --no-build-isolation.)
     # torch imported first, so that a cell which changed it would have to say "RESTART NEEDED".
-    done = _run_setup_cell(NOTEBOOKS_BY_NAME["06_deepspeed_zero.ipynb"], tmp_path, python, before="import torch",
+    done = _run_setup_cell(NOTEBOOKS_BY_NAME["07_deepspeed_zero.ipynb"], tmp_path, python, before="import torch",
                            after="import helpers, os; print('next cell:', helpers.__file__, os.getcwd())",
                            PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -325,7 +325,7 @@ def test_code_a_notebook_writes_is_the_code_helpers_keep():
     saved = list(_saved_cells())
     names = {node.name for _, _, _, nodes in saved for node in nodes}
     assert {"kl_penalized_rewards", "gae", "whiten", "clipped_policy_loss", "value_loss", "ppo_epochs",
-            "ppo_step"} <= names, "notebook 08 writes PPO's pieces in its cells"
+            "ppo_step"} <= names, "notebook 09 writes PPO's pieces in its cells"
     for path, index, module, nodes in saved:
         assert nodes, f"{path.name} cell {index} says it is saved in {module} but defines nothing"
         kept = {n.name: n for n in ast.parse((REPO_ROOT / module).read_text(encoding="utf-8")).body
@@ -347,13 +347,13 @@ def test_the_saved_code_check_sees_a_change():
 
 def test_memory_model_is_written_in_the_notebooks():
     """The memory model's formulas are written where they are taught, in cells saved to helpers/memory.py, not
-    imported as a black box: notebook 02 a model's parameters from its configuration, the bytes of a quantized matrix
-    and LoRA's parameters, notebook 06 what each ZeRO stage keeps per GPU, notebook 13 the activations a block keeps
+    imported as a black box: notebook 03 a model's parameters from its configuration, the bytes of a quantized matrix
+    and LoRA's parameters, notebook 07 what each ZeRO stage keeps per GPU, notebook 14 the activations a block keeps
     per token."""
     written = {node.name: path.name for path, _, module, nodes in _saved_cells() if module == "helpers/memory.py"
                for node in nodes}
-    taught = {"count_parameters_from_config": "02_nf4_quantization.ipynb",
-              "quantized_bytes": "02_nf4_quantization.ipynb", "lora_parameters": "02_nf4_quantization.ipynb",
-              "zero_model_states": "06_deepspeed_zero.ipynb",
-              "activation_elements_per_token": "13_speed_and_memory.ipynb"}
+    taught = {"count_parameters_from_config": "03_nf4_quantization.ipynb",
+              "quantized_bytes": "03_nf4_quantization.ipynb", "lora_parameters": "03_nf4_quantization.ipynb",
+              "zero_model_states": "07_deepspeed_zero.ipynb",
+              "activation_elements_per_token": "14_speed_and_memory.ipynb"}
     assert {name: written.get(name) for name in taught} == taught

@@ -90,7 +90,7 @@ def test_bloom_weights_in_every_format():
 
 
 def test_quantized_bytes_of_one_matrix():
-    # 4096 x 4096 = 16,777,216 values: 8,388,608 bytes of 4-bit codes in 262,144 blocks of 64 (notebook 02 counts the
+    # 4096 x 4096 = 16,777,216 values: 8,388,608 bytes of 4-bit codes in 262,144 blocks of 64 (notebook 03 counts the
     # same bytes in the tensors bitsandbytes stores)
     assert quantized_bytes(4096, 4096, "nf4") == 8_388_608 + 4 * 262_144
     assert quantized_bytes(4096, 4096, "nf4-dq") == 8_388_608 + 262_144 + 4 * 1024 + 4
@@ -251,25 +251,25 @@ def test_recipe_constants_read_literals_and_tuples_only(tmp_path):
     assert recipe_constants(script) == {"MODEL": "m", "A": 1, "B": (2, 3)}
 
 
-# The figures notebook 13 prints, pinned here (they were asserts in the notebook, issue 18): a change to the memory
-# model that moves one of them fails this file, and lessons/13_speed_and_memory.md must be looked at again.
-NOTEBOOK_12_RECIPE = dict(weights="nf4-dq", method="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all",
+# The figures notebook 14 prints, pinned here (they were asserts in the notebook, issue 18): a change to the memory
+# model that moves one of them fails this file, and lessons/14_speed_and_memory.md must be looked at again.
+NOTEBOOK_14_RECIPE = dict(weights="nf4-dq", method="qlora", lora_r=64, lora_dropout=0.05, lora_targets="all",
                           optimizer="paged-adamw-32bit", batch_size=4, seq_len=512, gradient_checkpointing=True,
-                          compute_dtype="bf16", attention="eager")  # notebook 13's CONFIG["recipe"]
+                          compute_dtype="bf16", attention="eager")  # notebook 14's CONFIG["recipe"]
 
 
-def test_notebook_13_full_fine_tuning_against_qlora_on_bloom_7b1():
+def test_notebook_14_full_fine_tuning_against_qlora_on_bloom_7b1():
     batch = dict(batch_size=4, seq_len=512, gradient_checkpointing=True, attention="eager")
     full = estimate_memory(BLOOM, weights="bf16", method="full", **batch).gib()
     qlora = estimate_memory(BLOOM, weights="nf4-dq", method="qlora", lora_r=64, compute_dtype="bf16", **batch).gib()
     assert full > 100          # 16 bytes x 7.07B parameters = 105 GiB of model states before any activation
-    assert qlora < 16          # fits a 16-24 GB GPU, as notebook 03's recipe promises
+    assert qlora < 16          # fits a 16-24 GB GPU, as notebook 04's recipe promises
     assert full / qlora > 8
 
 
-def test_notebook_13_checkpointing_leaves_the_logits():
-    plain = estimate_memory(BLOOM, **dict(NOTEBOOK_12_RECIPE, gradient_checkpointing=False)).gib("activations")
-    ckpt = estimate_memory(BLOOM, **NOTEBOOK_12_RECIPE).gib("activations")
+def test_notebook_14_checkpointing_leaves_the_logits():
+    plain = estimate_memory(BLOOM, **dict(NOTEBOOK_14_RECIPE, gradient_checkpointing=False)).gib("activations")
+    ckpt = estimate_memory(BLOOM, **NOTEBOOK_14_RECIPE).gib("activations")
     logits = 4 * 512 * 250880 * (2 + 8) / GIB  # 16-bit logits, the fp32 log-softmax and its fp32 gradient
     assert plain > 2.5 * ckpt  # what checkpointing saves (3.3x at 4 x 512 tokens)
     assert logits > 0.5 * ckpt  # the vocabulary dominates what is left (83%)
@@ -291,7 +291,7 @@ _CHATGLM_ROWS = [  # ChatGLM Efficient Tuning's V100 table: (setting, published 
 ]
 
 
-def test_notebook_13_rows_outside_25_percent_of_the_published_figures():
+def test_notebook_14_rows_outside_25_percent_of_the_published_figures():
     ratios = {setting: estimate_memory("THUDM/chatglm-6b", **dict(_CHATGLM_V100, **kwargs)).gib() / published
               for setting, published, kwargs in _CHATGLM_ROWS}
     for size, name, published in [("65B", "huggyllama/llama-65b", 41), ("33B", "huggyllama/llama-30b", 21),
@@ -309,7 +309,7 @@ def test_notebook_13_rows_outside_25_percent_of_the_published_figures():
     }
 
 
-def test_notebook_13_ptuning_rows_fit_without_checkpointing():
+def test_notebook_14_ptuning_rows_fit_without_checkpointing():
     for setting, published, kwargs in _CHATGLM_ROWS:
         if not setting.startswith("P-Tuning"):
             continue

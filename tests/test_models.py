@@ -162,7 +162,7 @@ def test_on_a_cpu_a_model_loads_as_before(monkeypatch):
     assert seen["device_map"] == "cpu" and seen["quantization_config"].bnb_4bit_quant_type == "nf4"
 
 
-# --- 4-bit weights on AVX512-BF16 CPUs (notebook 03, section 3; moved from the notebook's cell, issue 18) ---------
+# --- 4-bit weights on AVX512-BF16 CPUs (notebook 04, section 3; moved from the notebook's cell, issue 18) ---------
 def _has_avx512bf16() -> bool:
     import bitsandbytes.functional as F
 
@@ -193,7 +193,7 @@ def test_a_4bit_load_keeps_its_weights_trainable_through_an_evaluation(tiny_neox
 @pytest.mark.skipif(torch.cuda.is_available() or not _has_avx512bf16(),
                     reason="the repacking happens on CPUs with AVX512-BF16 only")
 def test_an_unprotected_4bit_layer_repacks_itself_on_an_avx512bf16_cpu():
-    # The pitfall the helper exists for (FACTS.md): if bitsandbytes stops repacking, notebook 03's section 3 and
+    # The pitfall the helper exists for (FACTS.md): if bitsandbytes stops repacking, notebook 04's section 3 and
     # keep_cpu_4bit_weights_trainable can be simplified.
     import bitsandbytes as bnb
 

@@ -1,4 +1,4 @@
-"""The online learner's lane: notebooks 00-05 as a learner with internet gets them.
+"""The online learner's lane: notebooks 00-06 as a learner with internet gets them.
 
 Offline, the course resolves `EleutherAI/pythia-70m-deduped` to its stand-in. A learner with internet (every Colab
 session, every connected `make lab`) gets the real model, which differs where the notebooks could go wrong: Pythia's
@@ -35,8 +35,8 @@ COMMIT = "0" * 40  # the snapshot's name in the cache; any hash-like name works 
 # training step takes ~8 s on 2 CPU cores (FACTS.md), and the lane must fit the test run.
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 LANE_STEPS = 10
-NOTEBOOKS = ["00_setup_and_tour", "01_lora_basics", "02_nf4_quantization", "03_qlora_training",
-             "04_ptuning_v2", "05_comparing_methods"]
+NOTEBOOKS = ["00_setup_and_tour", "01_lora_from_scratch", "02_lora_training", "03_nf4_quantization",
+             "04_qlora_training", "05_ptuning_v2", "06_comparing_methods"]
 
 
 def build_pythia_cache(hf_home: Path) -> Path:
@@ -77,7 +77,7 @@ def test_the_tokenizer_fixture_is_pythias():
 
 
 def test_lengths_from_the_data_fit_pythias_tokenizer():
-    """Notebook 01's lengths, measured with Pythia's tokenizer, neither refuse a prompt nor cut a label."""
+    """Notebook 02's lengths, measured with Pythia's tokenizer, neither refuse a prompt nor cut a label."""
     from transformers import AutoTokenizer
 
     from helpers.data import load_dataset

@@ -1,5 +1,5 @@
-"""helpers.ppo: every piece of notebook 08's PPO on small hand-computable cases, then a tiny end-to-end run; and how
-notebook 09 gets notebook 08's models (loaded when saved with the same settings, else trained with 08's code)."""
+"""helpers.ppo: every piece of notebook 09's PPO on small hand-computable cases, then a tiny end-to-end run; and how
+notebook 10 gets notebook 09's models (loaded when saved with the same settings, else trained with 09's code)."""
 import copy
 import math
 
@@ -191,7 +191,7 @@ def test_rollout_logprobs_match_what_generate_sampled_from(tiny):
 
 
 def test_evaluate_policy_puts_a_model_at_kl_zero_from_its_frozen_copy(tiny):
-    """Notebook 09's comparison table: the SFT model, scored against the reference (a frozen copy of it), is at KL 0."""
+    """Notebook 10's comparison table: the SFT model, scored against the reference (a frozen copy of it), is at KL 0."""
     tokenizer, model = tiny
     reference = copy.deepcopy(model).requires_grad_(False)
     result = evaluate_policy(model, reference, tokenizer, ["a b", "c", "d d", "b c a"], lambda p, t: [0.0] * len(t),
@@ -226,10 +226,10 @@ def test_ppo_raises_the_reward_on_a_tiny_model(tiny):
         ppo_step(policy, reference, tokenizer, prompts[:3], reward_fn, optimizer, config)
 
 
-# --- notebook 09's start: notebook 08's three models, loaded or trained again ------------------------
-def test_notebook_09_trains_notebook_08s_models_when_none_are_saved_and_loads_them_when_they_are(tmp_path):
-    """Both paths of `rlhf_start`, on the course's stand-in and data at a few steps: with no saved run of notebook 08 it
-    trains stages 1-3 with 08's code and saves them as notebook 08 does; given that folder, it loads the same models."""
+# --- notebook 10's start: notebook 09's three models, loaded or trained again ------------------------
+def test_notebook_10_trains_notebook_09s_models_when_none_are_saved_and_loads_them_when_they_are(tmp_path):
+    """Both paths of `rlhf_start`, on the course's stand-in and data at a few steps: with no saved run of notebook 09 it
+    trains stages 1-3 with 09's code and saves them as notebook 09 does; given that folder, it loads the same models."""
     from helpers.data import load_dataset
     from helpers.models import DEFAULT_MODEL
     from helpers.ppo import START_FILE, load_rlhf_start, rlhf_start
@@ -240,12 +240,12 @@ def test_notebook_09_trains_notebook_08s_models_when_none_are_saved_and_loads_th
               "rm_steps": 2, "rm_batch_size": 4, "rm_learning_rate": 1e-3, "ppo_iterations": 2, "ppo_batch_size": 4,
               "ppo_minibatch_size": 2, "ppo_epochs": 1, "ppo_learning_rate": 1e-2, "kl_coef": 0.2, "seed": 0}
     train = load_dataset("preference_pairs", dev_ratio=0.2, seed=0)["train"].select(range(16))
-    trained = rlhf_start(config, train, out=tmp_path / "09", saved=tmp_path / "no-run-of-07")
-    assert trained.source == "trained here" and (tmp_path / "09" / START_FILE).is_file()
+    trained = rlhf_start(config, train, out=tmp_path / "10", saved=tmp_path / "no-run-of-07")
+    assert trained.source == "trained here" and (tmp_path / "10" / START_FILE).is_file()
     assert set(trained.times) == {"SFT", "reward model", "PPO"}
 
-    loaded = rlhf_start(config, train, out=tmp_path / "unused", saved=tmp_path / "09")
-    assert loaded.source == f"loaded from {tmp_path / '09'}" and not (tmp_path / "unused").exists()
+    loaded = rlhf_start(config, train, out=tmp_path / "unused", saved=tmp_path / "10")
+    assert loaded.source == f"loaded from {tmp_path / '10'}" and not (tmp_path / "unused").exists()
     assert loaded.times == trained.times
     prompts, replies = train["prompt"][:3], train["chosen"][:3]
     torch.testing.assert_close(score_with_reward_model(loaded.reward_model, loaded.tokenizer, prompts, replies),
@@ -259,16 +259,16 @@ def test_notebook_09_trains_notebook_08s_models_when_none_are_saved_and_loads_th
         assert not torch.equal(trained.ppo_model(**batch).logits, trained.sft_model(**batch).logits)
 
     with pytest.raises(ValueError, match="kl_coef 0.2 there, 0.5 here"):
-        load_rlhf_start(tmp_path / "09", {**config, "kl_coef": 0.5}, train)
+        load_rlhf_start(tmp_path / "10", {**config, "kl_coef": 0.5}, train)
     with pytest.raises(ValueError, match="train_rows"):
-        load_rlhf_start(tmp_path / "09", config, train.select(range(8)))
+        load_rlhf_start(tmp_path / "10", config, train.select(range(8)))
     with pytest.raises(KeyError, match="sft_steps"):
-        load_rlhf_start(tmp_path / "09", {k: v for k, v in config.items() if k != "sft_steps"}, train)
+        load_rlhf_start(tmp_path / "10", {k: v for k, v in config.items() if k != "sft_steps"}, train)
 
 
-def test_the_code_that_trains_notebook_09s_start_keeps_notebook_08s_settings():
-    """`train_rlhf_start` repeats notebook 08's stages 1-3 in helpers/ (so notebook 09 can run alone); a library call
-    there must take the same keywords as in notebook 08's cells, with the same values where they are literals."""
+def test_the_code_that_trains_notebook_10s_start_keeps_notebook_09s_settings():
+    """`train_rlhf_start` repeats notebook 09's stages 1-3 in helpers/ (so notebook 10 can run alone); a library call
+    there must take the same keywords as in notebook 09's cells, with the same values where they are literals."""
     import ast
     import inspect
     import json
@@ -277,7 +277,7 @@ def test_the_code_that_trains_notebook_09s_start_keeps_notebook_08s_settings():
     from helpers.ppo import train_ppo_policy, train_rlhf_start
     from helpers.rewards import train_reward_model
 
-    cells = json.loads((REPO_ROOT / "notebooks" / "08_rlhf.ipynb").read_text(encoding="utf-8"))["cells"]
+    cells = json.loads((REPO_ROOT / "notebooks" / "09_rlhf.ipynb").read_text(encoding="utf-8"))["cells"]
     taught = cells[:[i for i, c in enumerate(cells) if "".join(c["source"]).startswith("### Solutions")][0]]
     notebook = ast.parse("\n".join("".join(c["source"]) for c in taught if c["cell_type"] == "code"))
     helpers = ast.parse("\n".join(inspect.getsource(f) for f in (train_rlhf_start, train_reward_model, train_ppo_policy)))
@@ -298,4 +298,4 @@ def test_the_code_that_trains_notebook_09s_start_keeps_notebook_08s_settings():
     for name in ("finetune", "tokenize_dataset", "RewardConfig", "RewardTrainer", "LoraConfig", "PPOConfig",
                  "load_model", "get_peft_model", "get_cosine_schedule_with_warmup", "AdamW"):
         for call in ours[name]:
-            assert call in theirs[name], f"{name}({call}) is not how notebook 08 calls it: {theirs[name]}"
+            assert call in theirs[name], f"{name}({call}) is not how notebook 09 calls it: {theirs[name]}"

@@ -1,5 +1,5 @@
 """helpers.quantization: measured bytes of 4-bit / int8 / float models, and the compute dtype choice; and what notebooks
-02 (NF4, double quantization, paged optimizers, the memory model) and 03 (QLoRA training, its recipe) rely on from
+03 (NF4, double quantization, paged optimizers, the memory model) and 03 (QLoRA training, its recipe) rely on from
 bitsandbytes, transformers, peft and helpers.memory (the checks that guard them against their drift)."""
 import logging
 
@@ -104,7 +104,7 @@ def test_compute_dtype_on_gpu_follows_the_compute_capability():
     assert preferred_compute_dtype("cuda") is (torch.bfloat16 if major >= 8 else torch.float16)
 
 
-# --- recipes/03_qlora.py: the parts that must agree with what notebook 03 teaches ---------------------------------
+# --- recipes/04_qlora.py: the parts that must agree with what notebook 04 teaches ---------------------------------
 def _recipe_functions(**namespace):
     """The recipe's functions, defined without running the script (it would load bloom-7b1)."""
     import ast
@@ -114,10 +114,10 @@ def _recipe_functions(**namespace):
 
     from helpers.env import REPO_ROOT
 
-    tree = ast.parse((REPO_ROOT / "recipes" / "03_qlora.py").read_text(encoding="utf-8"))
+    tree = ast.parse((REPO_ROOT / "recipes" / "04_qlora.py").read_text(encoding="utf-8"))
     functions = ast.Module([node for node in tree.body if isinstance(node, ast.FunctionDef)], type_ignores=[])
     namespace = {"json": json, "os": os, "re": re, **namespace}
-    exec(compile(functions, "recipes/03_qlora.py", "exec"), namespace)
+    exec(compile(functions, "recipes/04_qlora.py", "exec"), namespace)
     return namespace
 
 
@@ -155,10 +155,10 @@ def test_recipe_resumes_from_the_last_complete_checkpoint(tmp_path):
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
 
 
-# --- What notebooks 02 and 03 rely on, moved from their cells (issue 18): the notebooks show these, the tests keep them
-# bitsandbytes' 4-bit and 8-bit storage, as notebook 02 rebuilds it (sections 1 and 2, exercise 1).
+# --- What notebooks 03 and 04 rely on, moved from their cells (issue 18): the notebooks show these, the tests keep them
+# bitsandbytes' 4-bit and 8-bit storage, as notebook 03 rebuilds it (sections 1 and 2, exercise 1).
 def _nearest_code(x, code, blocksize):
-    """Notebook 02's quantize_4bit_ours and pack: each block / its absmax -> nearest value, two codes a byte."""
+    """Notebook 03's quantize_4bit_ours and pack: each block / its absmax -> nearest value, two codes a byte."""
     sorted_code, order = code.sort()
     blocks = x.reshape(-1, blocksize).float()
     absmax = blocks.abs().amax(dim=1)
@@ -232,10 +232,10 @@ def test_paged_adamw_on_a_cpu_says_it_falls_back_and_is_adamw():
             paged.step()
             plain.step()
     assert (ours - reference).abs().max().item() < 1e-5
-    assert any("Falling back to non-paged" in str(w.message) for w in caught)  # lesson 02, section 4 quotes it
+    assert any("Falling back to non-paged" in str(w.message) for w in caught)  # lesson 03, section 4 quotes it
 
 
-# transformers and peft: what notebook 03's 4-bit model is made of (section 1, section 3, exercise 3).
+# transformers and peft: what notebook 04's 4-bit model is made of (section 1, section 3, exercise 3).
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_a_4bit_load_builds_what_its_configuration_asks(tiny_dir, quant_type, double_quant):
@@ -268,7 +268,7 @@ def test_prepare_model_for_kbit_training_keeps_what_is_not_4bit_in_fp32_and_froz
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
-# helpers.memory: the paper's figures notebook 02 reproduces (section 3); notebook 03's recipe predictions (section 4).
+# helpers.memory: the paper's figures notebook 03 reproduces (section 3); notebook 04's recipe predictions (section 4).
 def test_guanaco_sizes_and_the_double_quantization_saving():
     from helpers.memory import GB, lora_parameters
 
@@ -289,27 +289,27 @@ def test_guanaco_sizes_and_the_double_quantization_saving():
 
 
 def _notebook_full_size():
-    """The full-size values of notebook 03's configuration cell (SIZES: setting -> (tiny, full size))."""
+    """The full-size values of notebook 04's configuration cell (SIZES: setting -> (tiny, full size))."""
     import ast
     import json
 
     from helpers.env import REPO_ROOT
 
-    cells = json.loads((REPO_ROOT / "notebooks" / "03_qlora_training.ipynb").read_text(encoding="utf-8"))["cells"]
+    cells = json.loads((REPO_ROOT / "notebooks" / "04_qlora_training.ipynb").read_text(encoding="utf-8"))["cells"]
     for cell in cells:
         if cell["cell_type"] == "code" and "SIZES = {" in "".join(cell["source"]):
             for node in ast.parse("".join(cell["source"])).body:
                 if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "SIZES":
                     return {ast.literal_eval(k): ast.literal_eval(v.elts[1]) for k, v in zip(node.value.keys,
                                                                                                node.value.values)}
-    raise AssertionError("notebook 03 has no SIZES in its configuration cell")
+    raise AssertionError("notebook 04 has no SIZES in its configuration cell")
 
 
-def test_notebook_03_full_size_is_its_recipe():
+def test_notebook_04_full_size_is_its_recipe():
     from helpers.env import REPO_ROOT
     from helpers.memory import recipe_constants
 
-    recipe = recipe_constants(REPO_ROOT / "recipes" / "03_qlora.py")
+    recipe = recipe_constants(REPO_ROOT / "recipes" / "04_qlora.py")
     full = _notebook_full_size()
     names = {"MODEL": "model_name", "MAX_LENGTH": "max_length", "LORA_R": "lora_r", "BATCH_SIZE": "per_device_train_batch_size",
              "GRADIENT_ACCUMULATION": "gradient_accumulation_steps", "LEARNING_RATE": "learning_rate",
@@ -321,7 +321,7 @@ def test_recipe_03_memory_predictions_the_notebook_prints():
     from helpers.env import REPO_ROOT
     from helpers.memory import CUDA_RESERVE_GIB, GIB, GPU_PROFILES, recipe_constants, recipe_memory
 
-    script = REPO_ROOT / "recipes" / "03_qlora.py"
+    script = REPO_ROOT / "recipes" / "04_qlora.py"
     recipe = recipe_constants(script)
     usable = {gpu: profile["memory_gib"] - CUDA_RESERVE_GIB for gpu, profile in GPU_PROFILES.items()}
     # The same run as 16-bit LoRA does not fit an L4: why the notebook's 16-bit comparison runs only at tiny size.

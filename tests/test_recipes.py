@@ -38,7 +38,7 @@ def recipe_cell(recipe: Path) -> list[str]:
 
 
 def test_every_training_notebook_has_a_recipe():
-    assert [p.name[:2] for p in RECIPES] == ["01", "03", "04", "07", "09"], [p.name for p in RECIPES]
+    assert [p.name[:2] for p in RECIPES] == ["02", "04", "05", "08", "10"], [p.name for p in RECIPES]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -140,7 +140,7 @@ def test_notebook_chooses_a_gpu_profile(recipe):
 
 
 def test_fit_check_stops_a_recipe_that_does_not_fit():
-    lora = REPO_ROOT / "recipes" / "01_lora.py"  # bloom-7b1 in 16 bits: 13 GiB of weights alone
+    lora = REPO_ROOT / "recipes" / "02_lora.py"  # bloom-7b1 in 16 bits: 13 GiB of weights alone
     table = recipe_fit(lora, "T4")  # FULL_SIZE = False: a prediction, never an error
     assert table.loc["T4", "fits"] == "✗" and table.loc["A100-80GB", "fits"] == "✓"
     with pytest.raises(RecipeWontFit, match=r"T4.*largest part is weights.*QLoRA"):
@@ -149,8 +149,8 @@ def test_fit_check_stops_a_recipe_that_does_not_fit():
 
 
 def test_fit_check_passes_a_recipe_that_fits(tmp_path):
-    text = (REPO_ROOT / "recipes" / "01_lora.py").read_text(encoding="utf-8")
-    small = tmp_path / "01_small.py"
+    text = (REPO_ROOT / "recipes" / "02_lora.py").read_text(encoding="utf-8")
+    small = tmp_path / "02_small.py"
     small.write_text(text.replace('MODEL = "bigscience/bloom-7b1"', 'MODEL = "bigscience/bloom-560m"'))
     assert recipe_constants(small)["MODEL"] == "bigscience/bloom-560m"
     table = recipe_fit(small, "T4", full_size=True)
@@ -166,8 +166,8 @@ def test_fit_check_refuses_an_unknown_gpu():
 
 
 def test_lesson_12_holds_the_current_recipes_table():
-    lesson = (REPO_ROOT / "lessons" / "13_speed_and_memory.md").read_text(encoding="utf-8")
-    assert TABLE_START in lesson and TABLE_END in lesson, "lesson 13 has no recipes table"
+    lesson = (REPO_ROOT / "lessons" / "14_speed_and_memory.md").read_text(encoding="utf-8")
+    assert TABLE_START in lesson and TABLE_END in lesson, "lesson 14 has no recipes table"
     shown = lesson.split(TABLE_START)[1].split(TABLE_END)[0].strip()
     assert shown == recipes_table().strip(), \
-        "lesson 13's recipes table is out of date: regenerate it with python -m helpers.memory --recipes"
+        "lesson 14's recipes table is out of date: regenerate it with python -m helpers.memory --recipes"

@@ -1,4 +1,4 @@
-"""helpers.rewards: the verifiable reward of notebooks 08 and 09 and reading a reward model (training one: test_ppo)."""
+"""helpers.rewards: the verifiable reward of notebooks 09 and 10 and reading a reward model (training one: test_ppo)."""
 import pytest
 import torch
 
@@ -59,7 +59,7 @@ def test_correctness_reward_errors_name_the_problem():
 
 
 def test_the_rule_calls_every_chosen_reply_right_and_every_rejected_one_wrong():
-    """Notebook 08 prints both rates on its training split; the rule and the data must agree on every row."""
+    """Notebook 09 prints both rates on its training split; the rule and the data must agree on every row."""
     from helpers.data import load_dataset
 
     rows = load_dataset("preference_pairs")

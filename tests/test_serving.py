@@ -1,5 +1,5 @@
 """helpers.serving: the OpenAI-compatible server, called over real HTTP on a loopback port, with raw requests and with
-OpenAI's official `openai` client (notebook 12)."""
+OpenAI's official `openai` client (notebook 13)."""
 import json
 import os
 import subprocess
@@ -264,7 +264,7 @@ def test_include_usage_adds_a_final_usage_chunk(server):
 
 
 def test_prompt_tokens_are_what_the_chat_template_renders(server, loaded):
-    """Notebook 12: the prompt the server counts is the course's template rendered on the messages, a developer
+    """Notebook 13: the prompt the server counts is the course's template rendered on the messages, a developer
     message included (in front of the first question)."""
     from helpers.standin import CHAT_TEMPLATE
 
@@ -276,7 +276,7 @@ def test_prompt_tokens_are_what_the_chat_template_renders(server, loaded):
     assert answer["usage"]["prompt_tokens"] == len(rendered)
 
 
-# --- OpenAI's official client (openai.OpenAI), as notebook 12 calls the server ---------------------------------------
+# --- OpenAI's official client (openai.OpenAI), as notebook 13 calls the server ---------------------------------------
 
 @pytest.fixture(scope="module")
 def client(server):

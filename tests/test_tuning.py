@@ -73,7 +73,7 @@ def test_ptuning_v2_count_matches_the_formula(tiny_model_dir):
 
 
 def test_prompt_tuning_and_ptuning_v1_counts_and_the_memory_model(tiny_model_dir):
-    """Notebook 04's table of P-Tuning v2's relatives: prompt tuning learns N input embeddings; P-Tuning v1 (peft's
+    """Notebook 05's table of P-Tuning v2's relatives: prompt tuning learns N input embeddings; P-Tuning v1 (peft's
     PromptEncoderConfig, an MLP by default) adds three linear layers of width d; helpers.memory counts P-Tuning v2."""
     import copy
 
@@ -224,7 +224,7 @@ def test_train_or_load_trains_once_then_loads(tiny_model_dir, cache, monkeypatch
 
 
 def test_a_reloaded_lora_adapter_trains_only_when_asked(tiny_model_dir, cache):
-    """Notebook 05, section 2: resuming a LoRA checkpoint needs is_trainable=True; peft loads adapters frozen."""
+    """Notebook 06, section 2: resuming a LoRA checkpoint needs is_trainable=True; peft loads adapters frozen."""
     from peft import PeftModel
 
     _, _, info = run_cache.train_or_load("lora", max_steps=1, model_name=tiny_model_dir, **SMALL)
@@ -299,8 +299,8 @@ def test_the_comparison_arguments_are_notebook_03s_and_make_one_cache_key():
 
     arguments = run_cache.comparison_arguments(smoke=True)
     assert arguments["max_steps"] == run_cache.comparison_steps(True) and arguments["seed"] == run_cache.COMPARISON_SEED
-    config = "".join(json.loads((REPO_ROOT / "notebooks" / "05_comparing_methods.ipynb").read_text())["cells"][5]["source"])
-    for key, value in run_cache.COMPARISON.items():  # notebook 05's configuration cell shows the same values
+    config = "".join(json.loads((REPO_ROOT / "notebooks" / "06_comparing_methods.ipynb").read_text())["cells"][5]["source"])
+    for key, value in run_cache.COMPARISON.items():  # notebook 06's configuration cell shows the same values
         assert f'"{key}": {json.dumps(value)}' in config, key
     assert run_cache.cache_key("lora", **arguments)[0].startswith("lora-")
 
